@@ -1,0 +1,1 @@
+"""Model presets (TOML), shipped inside the package as fusefeat.configs."""

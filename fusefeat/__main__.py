@@ -1,0 +1,3 @@
+from fusefeat.cli import main
+
+main()

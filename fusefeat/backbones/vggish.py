@@ -1,0 +1,132 @@
+"""VGGish (Hershey et al. 2017), torchvggish port: VGGish-Fusion#10#15 = 8192-d.
+
+Network: `torchvggish.torchvggish.VGG(make_layers(), postprocess=False)` (PyPI 0.2). The
+official front end (`vggish_input`, numpy, one clip at a time) is recomputed batched in torch;
+the STFT runs in float64 because float32 rounding alone moves quiet bands of loud frames by up
+to 4e-4 in the log domain. Each clip is cut into 0.96 s examples (the tail is dropped); every
+layer is max-pooled along time to the last conv stage's rate (6 frames of 160 ms per example);
+the FC layers of `embeddings` are repeated over those frames; frames of all examples are pooled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusefeat import frontends
+from fusefeat.backbones.base import (BASELINE, Backbone, LayerFrames, LayerInfo, SegmentBatch,
+                                     flatten_channels_major)
+from fusefeat.backbones.weights import (checkpoint_path, import_module_skipping_package_init,
+                                        load_state_dict_strictly, load_torch_checkpoint,
+                                        sha256_file)
+
+# (module path, kind, channels) of the 16 `features` layers then the 6 `embeddings` layers.
+_CONV_PLAN = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M"]
+
+
+def _layer_table(example_frames: int, mel_bins: int) -> tuple[LayerInfo, ...]:
+    table, number, stride, channels = [], 1, 1, 1
+    time, freq = example_frames, mel_bins
+    index = 0
+    for item in _CONV_PLAN:
+        if item == "M":
+            stride, time, freq = stride * 2, time // 2, freq // 2
+            table.append(LayerInfo(number, f"features.{index}", "conv", channels, freq, stride,
+                                   (channels, time, freq)))
+            number, index = number + 1, index + 1
+            continue
+        channels = item
+        for _ in ("conv", "relu"):
+            table.append(LayerInfo(number, f"features.{index}", "conv", channels, freq, stride,
+                                   (channels, time, freq)))
+            number, index = number + 1, index + 1
+    for index, width in enumerate((4096, 4096, 4096, 4096, 128, 128)):
+        table.append(LayerInfo(number, f"embeddings.{index}", "fc", width, 1, example_frames,
+                               (width,)))
+        number += 1
+    return tuple(table)
+
+
+class VGGish(Backbone):
+    ragged_batches = True  # frame-wise front end, independent examples
+    baseline_dim = 128
+    baseline_description = "VGGish 128-d output (last FC ReLU), mean + max over examples"
+
+    def __init__(self, preset, network: torch.nn.Module, weights_id: str):
+        super().__init__(preset)
+        self.net = network.eval()
+        self.weights_id = weights_id
+        fe = preset.frontend
+        self.window_length = int(round(preset.sample_rate * float(fe["window_length_s"])))
+        self.hop_samples = int(round(preset.sample_rate * float(fe["hop_length_s"])))
+        self.example_frames = int(fe["example_frames"])
+        self.layer_table = self.table(preset)
+        self.reference_stride = self.example_frames // 6  # the last conv stage: 6 frames/example
+        example_samples = self.example_frames * self.hop_samples
+        # Clips shorter than one example are zero-padded to one (the official code yields none).
+        self.min_samples = example_samples + self.window_length - self.hop_samples
+        self.window_align = example_samples
+        self.lookahead_samples = self.window_length - self.hop_samples  # an example's last frame
+
+    @classmethod
+    def table(cls, preset, weights=None) -> tuple[LayerInfo, ...]:
+        fe = preset.frontend
+        return _layer_table(int(fe["example_frames"]), int(fe["mel_bins"]))
+
+    @classmethod
+    def build(cls, preset, weights: str | None = None, random_init: bool = False) -> "VGGish":
+        tv = import_module_skipping_package_init("torchvggish", "torchvggish")
+        network = tv.VGG(tv.make_layers(), postprocess=False)
+        if random_init:
+            return cls(preset, network, "random-init")
+        path = checkpoint_path(weights, preset.weights.get("url"), preset.weights.get("filename"),
+                               preset.name)
+        state = load_torch_checkpoint(path, preset.name)
+        load_state_dict_strictly(network, state, path, preset.name)
+        return cls(preset, network, "sha256:" + sha256_file(path))
+
+    def featurize(self, batch: SegmentBatch):
+        fe = self.preset.frontend
+        log_mel = frontends.htk_log_mel(
+            batch.wave.double(), self.sample_rate, float(fe["window_length_s"]),
+            float(fe["hop_length_s"]), int(fe["mel_bins"]), float(fe["fmin"]), float(fe["fmax"]),
+            float(fe["log_offset"])).float()  # [B, T, mel]
+        frames = frontends.frame_count(batch.lengths, self.window_length, self.hop_samples)
+        per_row = frames // self.example_frames  # whole examples only, as mel_features.frame
+        most = int(per_row.max()) if per_row.numel() else 0
+        b, _, mel = log_mel.shape
+        examples = log_mel[:, : most * self.example_frames].reshape(b, most, self.example_frames, mel)
+        keep = torch.arange(most, device=per_row.device)[None, :] < per_row[:, None]
+        owner = torch.repeat_interleave(torch.arange(b, device=per_row.device), per_row)
+        return examples[keep].unsqueeze(1), owner  # [N, 1, 96, 64], [N]
+
+    def forward_taps(self, features, taps, baseline, batch):
+        x, owner = features
+        deepest = self.deepest(taps, 22, baseline)
+        conv_layers = list(self.net.features.children())
+        out = {}
+        for number, module in enumerate(conv_layers, start=1):
+            if number > deepest:
+                break
+            x = module(x)
+            if number in taps:  # clone: the following ReLU works in place
+                info = self.layer(number)
+                frames = flatten_channels_major(x.clone())
+                out[number] = LayerFrames.whole(frames, info.time_stride, owner)
+        if deepest > len(conv_layers):
+            x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # as VGG.forward: [N, T, F, C]
+            for number, module in enumerate(self.net.embeddings.children(),
+                                            start=len(conv_layers) + 1):
+                if number > deepest:
+                    break
+                x = module(x)
+                if number in taps:
+                    frames = x.clone().unsqueeze(-1)  # [N, D, 1], repeated by fusion
+                    out[number] = LayerFrames.whole(frames, self.example_frames, owner)
+                if baseline and number == 22:
+                    frames = x.clone().unsqueeze(-1)
+                    out[BASELINE] = LayerFrames.whole(frames, self.example_frames, owner)
+        return out
+
+
+
+BACKBONE = VGGish

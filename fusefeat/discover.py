@@ -1,0 +1,133 @@
+"""Inputs -> the deterministic list of audio files to process.
+
+Directories are walked recursively (symbolic links to directories are followed once; loops
+are skipped), keeping files with an audio extension. Each file gets a key: its path relative
+to the INPUT directory it was found under, or the path as given for files named directly or
+in a list (`--files-from`, `-` for stdin). The list is sorted by key, so the order never depends
+on the file system. Keys are what the output stores in `path` and what resume matches on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import IO, Iterable, Sequence
+
+from fusefeat.audio import AUDIO_EXTENSIONS
+from fusefeat.errors import FileFailure, UsageError
+
+
+@dataclass(frozen=True)
+class InputFile:
+    key: str  # stored in the output's `path`; UTF-8 (undecodable bytes escaped as \\xNN)
+    source: str  # what to open
+
+
+@dataclass
+class Discovery:
+    files: list[InputFile] = field(default_factory=list)
+    failures: list[FileFailure] = field(default_factory=list)
+
+
+def printable_key(path: str) -> str:
+    """A UTF-8 string for any file name (non-UTF-8 bytes become \\xNN escapes)."""
+    raw = os.fsencode(path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="backslashreplace")
+
+
+def discover(inputs: Sequence[str] = (), files_from: str | None = None,
+             stdin: IO[str] | None = None, null_separated: bool = False) -> Discovery:
+    found = Discovery()
+    origin: dict[str, str] = {}  # key -> the input it came from (to report collisions)
+
+    def add(key: str, source: str, from_input: str) -> None:
+        if key in origin:
+            if os.path.realpath(source) != os.path.realpath(_source_of(found, key)):
+                raise UsageError(
+                    f"two inputs give the same path {key!r} ({origin[key]} and {from_input})",
+                    hint="pass their common parent directory instead, so that paths stay unique")
+            return
+        origin[key] = from_input
+        found.files.append(InputFile(key, source))
+
+    for item in inputs:
+        if os.path.isdir(item):
+            for key, source in _walk(item, found.failures):
+                add(key, source, item)
+        elif os.path.lexists(item):
+            add(printable_key(os.path.normpath(item)), item, item)
+        else:
+            raise UsageError(f"input not found: {item}",
+                             hint="check the path; directories are walked, files are taken as they are")
+    if files_from is not None:
+        for entry in _read_list(files_from, stdin, null_separated):
+            add(printable_key(os.path.normpath(entry)), entry, files_from)
+    found.files.sort(key=lambda f: f.key)
+    return found
+
+
+def _source_of(found: Discovery, key: str) -> str:
+    return next(f.source for f in found.files if f.key == key)
+
+
+def _walk(root: str, failures: list[FileFailure]) -> Iterable[tuple[str, str]]:
+    visited: set[tuple[int, int]] = set()
+
+    def on_error(exc: OSError) -> None:
+        name = printable_key(os.path.relpath(exc.filename, root)) if exc.filename else root
+        failures.append(FileFailure(name, "discover", type(exc).__name__,
+                                    f"cannot list this directory: {exc.strerror}"))
+
+    for directory, subdirs, files in os.walk(root, onerror=on_error, followlinks=True):
+        try:
+            st = os.stat(directory)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in visited:  # a symlink loop or a second link to a directory
+            subdirs[:] = []
+            continue
+        visited.add((st.st_dev, st.st_ino))
+        subdirs.sort()
+        for name in files:
+            if os.path.splitext(name)[1].lower() not in AUDIO_EXTENSIONS:
+                continue
+            source = os.path.join(directory, name)
+            key = printable_key(os.path.relpath(source, root)).replace(os.sep, "/")
+            if os.path.islink(source) and not os.path.exists(source):
+                failures.append(FileFailure(key, "discover", "BrokenSymlink",
+                                            "broken symbolic link (its target does not exist)"))
+                continue
+            yield key, source
+
+
+def _read_list(files_from: str, stdin: IO[str] | None, null_separated: bool) -> list[str]:
+    if files_from == "-":
+        stream = stdin if stdin is not None else sys.stdin
+        text = stream.read()
+    else:
+        try:
+            with open(files_from, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise UsageError(f"cannot read --files-from {files_from}: {exc.strerror}") from None
+    separator = "\0" if null_separated else "\n"
+    entries = [e.rstrip("\r") if not null_separated else e for e in text.split(separator)]
+    return [e for e in entries if e.strip()]
+
+
+def part_of(key: str, parts: int) -> int:
+    """The part (0..parts-1) a file belongs to with --shard I/N: a stable hash of its key,
+    independent of Python's hash randomisation, of listing order, and of other files."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % parts
+
+
+def select_part(files: list[InputFile], index: int, parts: int) -> list[InputFile]:
+    if parts <= 1:
+        return files
+    return [f for f in files if part_of(f.key, parts) == index]

@@ -1,0 +1,125 @@
+"""Batched front ends in torch, computed on the device.
+
+Each function reproduces an official front end that is normally run one clip at a time on the
+CPU (numpy): VGGish's `mel_features.log_mel_spectrogram` (shared with YAMNet's TF front end) and
+Kaldi's fbank as used by AST. Rows of a batch are independent: a frame only sees its own row's
+samples, so zero padding after a row's end never changes that row's valid frames.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+
+def periodic_hann(length: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """0.5 - 0.5 cos(2 pi n / N): the 'periodic' Hann window of VGGish and TensorFlow."""
+    n = torch.arange(length, dtype=torch.float64)
+    return (0.5 - 0.5 * torch.cos(2 * math.pi * n / length)).to(device=device, dtype=dtype)
+
+
+def frame_count(num_samples: torch.Tensor | int, frame_length: int, hop: int):
+    """Frames of a signal framed without padding (snip edges): 1 + (L - frame) // hop, >= 0."""
+    if isinstance(num_samples, torch.Tensor):
+        return torch.clamp((num_samples - frame_length) // hop + 1, min=0)
+    return max(0, (num_samples - frame_length) // hop + 1)
+
+
+def stft_magnitude(wave: torch.Tensor, frame_length: int, hop: int, fft_length: int) -> torch.Tensor:
+    """|rfft| of periodic-Hann windowed frames, no centre padding: [B, L] -> [B, T, fft/2+1]."""
+    frames = wave.unfold(-1, frame_length, hop)  # [B, T, frame_length]
+    window = periodic_hann(frame_length, device=wave.device, dtype=wave.dtype)
+    return torch.fft.rfft(frames * window, n=fft_length).abs()
+
+
+def hz_to_htk_mel(hz):
+    return 1127.0 * np.log(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
+
+
+@lru_cache(maxsize=16)
+def _mel_matrix_np(num_spectrogram_bins: int, sample_rate: float, num_mel_bins: int,
+                   fmin: float, fmax: float) -> np.ndarray:
+    """HTK mel filterbank with triangles in mel space and the DC bin zeroed, as
+    `mel_features.spectrogram_to_mel_matrix` (VGGish) and `tf.signal.linear_to_mel_weight_matrix`
+    (YAMNet) build it. [num_spectrogram_bins, num_mel_bins], float64."""
+    nyquist = sample_rate / 2.0
+    if not 0.0 <= fmin < fmax <= nyquist:
+        raise ValueError(f"mel range {fmin}-{fmax} Hz does not fit a {sample_rate} Hz signal")
+    bins_mel = hz_to_htk_mel(np.linspace(0.0, nyquist, num_spectrogram_bins))
+    edges = np.linspace(hz_to_htk_mel(fmin), hz_to_htk_mel(fmax), num_mel_bins + 2)
+    lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
+    rising = (bins_mel[:, None] - lower[None, :]) / (center - lower)[None, :]
+    falling = (upper[None, :] - bins_mel[:, None]) / (upper - center)[None, :]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    weights[0, :] = 0.0  # the DC bin never contributes
+    return weights
+
+
+def mel_matrix(num_spectrogram_bins: int, sample_rate: float, num_mel_bins: int, fmin: float,
+               fmax: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    weights = _mel_matrix_np(num_spectrogram_bins, float(sample_rate), num_mel_bins,
+                             float(fmin), float(fmax))
+    return torch.from_numpy(weights).to(device=device, dtype=dtype)
+
+
+def htk_log_mel(wave: torch.Tensor, sample_rate: int, window_length_s: float, hop_length_s: float,
+                num_mel_bins: int, fmin: float, fmax: float, log_offset: float) -> torch.Tensor:
+    """VGGish/YAMNet log-mel: [B, L] -> [B, T, mel] with T = 1 + (L - window) // hop."""
+    window_length = int(round(sample_rate * window_length_s))
+    hop = int(round(sample_rate * hop_length_s))
+    fft_length = 2 ** int(math.ceil(math.log2(window_length)))
+    magnitude = stft_magnitude(wave, window_length, hop, fft_length)
+    mel = magnitude @ mel_matrix(fft_length // 2 + 1, sample_rate, num_mel_bins, fmin, fmax,
+                                 device=wave.device, dtype=wave.dtype)
+    return torch.log(mel + log_offset)
+
+
+def kaldi_fbank(wave: torch.Tensor, sample_rate: int, num_mel_bins: int, frame_length_ms: float,
+                frame_shift_ms: float, window_type: str = "hanning") -> torch.Tensor:
+    """torchaudio.compliance.kaldi.fbank for a batch of equal-length rows, with the options of
+    the official AST code (htk_compat, no energy, no dither, snip edges, DC removal, pre-emphasis
+    0.97, power spectrum, log with float epsilon floor). [B, L] -> [B, T, mel]."""
+    from torchaudio.compliance import kaldi
+
+    window_size = int(sample_rate * frame_length_ms * 0.001)
+    window_shift = int(sample_rate * frame_shift_ms * 0.001)
+    fft_length = 2 ** int(math.ceil(math.log2(window_size)))
+    frames = wave.unfold(-1, window_size, window_shift)  # [B, T, window]
+    frames = frames - frames.mean(dim=-1, keepdim=True)  # remove_dc_offset
+    previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)  # replicate-padded shift
+    frames = frames - 0.97 * previous  # preemphasis_coefficient
+    if window_type == "hanning":
+        window = torch.hann_window(window_size, periodic=False, device=wave.device, dtype=wave.dtype)
+    elif window_type == "hamming":
+        window = torch.hamming_window(window_size, periodic=False, alpha=0.54, beta=0.46,
+                                      device=wave.device, dtype=wave.dtype)
+    else:
+        raise ValueError(f"unsupported Kaldi window {window_type!r}")
+    power = torch.fft.rfft(frames * window, n=fft_length).abs().pow(2.0)
+    banks, _ = kaldi.get_mel_banks(num_mel_bins, fft_length, float(sample_rate), 20.0, 0.0,
+                                   100.0, -500.0, 1.0)
+    banks = torch.nn.functional.pad(banks, (0, 1), value=0.0).to(device=wave.device, dtype=wave.dtype)
+    energies = power @ banks.T
+    eps = torch.tensor(torch.finfo(wave.dtype).eps, device=wave.device, dtype=wave.dtype)
+    return torch.maximum(energies, eps).log()
+
+
+def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
+    """torchaudio's band-limited sinc resampling (defaults), batched over rows."""
+    if orig_freq == new_freq:
+        return wave
+    import torchaudio.functional as AF
+
+    return AF.resample(wave, orig_freq, new_freq)
+
+
+def resampled_length(num_samples: int, orig_freq: int, new_freq: int) -> int:
+    """Length torchaudio's resample gives: ceil(new * L / orig) with the ratio reduced."""
+    if orig_freq == new_freq:
+        return num_samples
+    g = math.gcd(orig_freq, new_freq)
+    orig, new = orig_freq // g, new_freq // g
+    return -(-new * num_samples // orig)
