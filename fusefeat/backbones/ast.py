@@ -11,6 +11,9 @@ distillation tokens (one 768-d vector per clip; no time pooling).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -46,7 +49,12 @@ class AST(Backbone):
 
     @classmethod
     def table(cls, preset, weights=None, config=None) -> tuple[LayerInfo, ...]:
-        blocks, width = (12, 768) if config is None else (config.num_hidden_layers, config.hidden_size)
+        blocks, width = 12, 768  # the official checkpoint, without reading anything
+        if config is not None:
+            blocks, width = config.num_hidden_layers, config.hidden_size
+        elif weights is not None and (Path(weights) / "config.json").is_file():
+            data = json.loads((Path(weights) / "config.json").read_text())
+            blocks, width = data.get("num_hidden_layers", 12), data.get("hidden_size", 768)
         return tuple(LayerInfo(n, f"layers.{n - 1}", "token", width, 1, 0, (width,))
                      for n in range(1, blocks + 1))
 
@@ -59,7 +67,7 @@ class AST(Backbone):
             return cls(preset, ASTModel(config), "random-init")
         directory, identity = hf_model_dir(preset.weights["hf_repo"], preset.weights.get("revision"),
                                            weights, preset.name)
-        network, info = _load_ast(ASTModel, directory, preset.name)
+        network = _load_ast(ASTModel, directory, preset.name)
         return cls(preset, network, identity)
 
     def featurize(self, batch: SegmentBatch) -> torch.Tensor:
@@ -117,8 +125,6 @@ class AST(Backbone):
 
 
 def _load_ast(model_class, directory, name):
-    import json
-
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as exc:
@@ -134,7 +140,7 @@ def _load_ast(model_class, directory, name):
     if missing:
         raise WeightsError(f"{directory} lacks {len(missing)} AST weights (e.g. {missing[0]})",
                            hint="pass a directory written by save_pretrained() of an AST model")
-    return network, info
+    return network
 
 
 BACKBONE = AST
