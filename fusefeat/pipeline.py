@@ -245,7 +245,18 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
             counts["failed"] += 1
             progress.update(1)
 
+        inflight: list = []  # results of the last batch, not yet read back from the device
+
+        def finish(results) -> None:
+            for result in results:
+                for row in assembler.add(result):  # reads back from the device (a sync)
+                    writer.put_row(row)
+                    counts["extracted"] += 1
+                    progress.update(1)
+
         def run(batch) -> None:
+            """Queue a batch on the device, then read back the previous one: on CUDA the CPU
+            prepares and assembles while the GPU computes."""
             batch = [s for s in batch if s.file_index not in failed_files]
             if not batch:
                 return
@@ -254,11 +265,9 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
             results, failures = runner.run_safely(batch, keys=lambda i: todo[i].key)
             for file_index, failure in failures:
                 record_failure(file_index, failure)
-            for result in results:
-                for row in assembler.add(result):
-                    writer.put_row(row)
-                    counts["extracted"] += 1
-                    progress.update(1)
+            previous = inflight[:]
+            inflight[:] = results
+            finish(previous)
 
         pool = DecodePool(tasks, geometry, clip_samples, workers=options.num_workers,
                           prefetch=options.prefetch)
@@ -283,6 +292,8 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
                         run(batch)
                         if stop.stopped:
                             break
+                finish(inflight)  # what was computed is kept, also when stopping
+                inflight.clear()
                 interrupted = interrupted or stop.stopped
             finally:
                 pool.close()

@@ -71,8 +71,9 @@ class Runner:
         for i, row in enumerate(rows):
             wave[i, : row.shape[0]] = row  # shorter than length: the clip ended (zero-padded)
         piece = segments[0].piece
-        return SegmentBatch(wave=wave, lengths=torch.tensor(lengths, device=self.device),
-                            drop_left=piece.drop_left, keep=piece.keep)
+        device_lengths = torch.tensor(lengths, dtype=torch.long, pin_memory=self.pin)
+        return SegmentBatch(wave=wave, lengths=device_lengths.to(self.device, non_blocking=True),
+                            drop_left=piece.drop_left, keep=piece.keep, host_lengths=lengths)
 
     def forward(self, batch: SegmentBatch) -> dict:
         backbone = self.backbone
