@@ -11,12 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from fusefeat import audio
 from fusefeat.backbones.base import BASELINE, Backbone
-from fusefeat.fusion import PoolStats
 from fusefeat.runner import BatchResult
 from fusefeat.store.writer import Row
 

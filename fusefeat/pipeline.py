@@ -152,7 +152,7 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
     from fusefeat.assemble import Assembler
     from fusefeat.batching import Batcher
     from fusefeat.loader import DecodePool, DecodeTask, Failed
-    from fusefeat.runner import PRECISIONS, Runner
+    from fusefeat.runner import Runner
     from fusefeat.store import layout
     from fusefeat.store.lock import SlotLock
     from fusefeat.store.manifest import prepare_output
