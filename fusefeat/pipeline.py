@@ -9,6 +9,7 @@ the run after the batch in flight, commit what is complete, and report "interrup
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -383,13 +384,15 @@ def _failed_after(state, todo, failed_files, new_discover_failures) -> int:
 
 def _shard_attrs(preset, backbone, taps, table, schema, manifest, fields, options, slot) -> dict:
     import torch
-    import torchaudio
 
-    try:
-        import transformers
-        transformers_version = transformers.__version__
-    except ImportError:  # pragma: no cover
-        transformers_version = ""
+    def version(package: str) -> str:  # without importing it (transformers takes seconds)
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return ""
+
+    transformers_version = version("transformers")
+    torchaudio_version = version("torchaudio")
     config = {k: v for k, v in asdict(options).items() if k not in ("progress",)}
     return {
         "model": preset.name,
@@ -403,7 +406,7 @@ def _shard_attrs(preset, backbone, taps, table, schema, manifest, fields, option
         "sample_rate_model": backbone.sample_rate,
         "fusefeat_version": __version__,
         "torch_version": torch.__version__,
-        "torchaudio_version": torchaudio.__version__,
+        "torchaudio_version": torchaudio_version,
         "transformers_version": transformers_version,
         "weights_id": backbone.weights_id,
         "preset": preset.to_json(),
