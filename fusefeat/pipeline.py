@@ -136,7 +136,7 @@ def plan_layers(options: ExtractOptions):
     cls = backbone_class(preset)
     table = cls.table(preset, weights=options.weights)
     numbers = [info.number for info in table]
-    default = preset.default_layers or (numbers[-1],)
+    default = cls.default_layers(preset, table)
     taps = parse_layers(options.layers, numbers, default, model=preset.name)
     return preset, cls, table, taps
 
