@@ -261,8 +261,7 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
 
         pool = DecodePool(tasks, geometry, clip_samples, workers=options.num_workers,
                           prefetch=options.prefetch)
-        torch.set_grad_enabled(False)
-        with _StopFlag() as stop:
+        with torch.no_grad(), _StopFlag() as stop:  # no_grad: the caller's own state is kept
             interrupted = False
             try:
                 for message in pool:
