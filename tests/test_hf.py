@@ -183,6 +183,7 @@ def test_tiny_encoders_match_plain_computation_and_batches(kind, tiny, clips, tm
     fusefeat.extract([str(clips)], model=f"hf:{model_dir}", out=str(tmp_path / "one"),
                      layers="0,1,3", batch_size=1, num_workers=0, progress=False,
                      log=lambda message: None)
+    assert torch.is_grad_enabled(), "extract() must not switch autograd off for its caller"
     a, b = fusefeat.load(tmp_path / "many"), fusefeat.load(tmp_path / "one")
     assert a.paths == b.paths == sorted(CLIPS + ("long.wav", "twin.wav"))
     emb = np.asarray(a.embeddings)
