@@ -378,7 +378,7 @@ def feature_sets(feats, rows: np.ndarray, sweep: bool = False, layers: Sequence[
             raise UsageError(f"layer {n} is not stored in these features (stored: "
                              f"{', '.join(map(str, stored)) or 'none'})",
                              hint="extract with --save-layers (and --layers all for a sweep)")
-        return np.asarray(feats.layers[n])[rows]
+        return feats.layers[n][rows]  # reads only these rows
 
     sets: dict[str, np.ndarray] = {}
     if sweep:
@@ -397,11 +397,11 @@ def feature_sets(feats, rows: np.ndarray, sweep: bool = False, layers: Sequence[
         sets["fusion " + "+".join(map(str, numbers))] = np.concatenate(
             [stored_layer(n) for n in numbers], axis=1)
     if sweep or not (layers or combine or baseline):
-        sets["fusion " + layer_list(layer_names)] = np.asarray(feats.embeddings)[rows]
+        sets["fusion " + layer_list(layer_names)] = feats.embeddings[rows]
     if baseline or (sweep and feats.baseline is not None):
         if feats.baseline is None:
             raise UsageError("these features hold no baseline", hint="extract with --baseline")
-        sets["baseline"] = np.asarray(feats.baseline)[rows]
+        sets["baseline"] = feats.baseline[rows]
     return sets
 
 

@@ -42,7 +42,6 @@ import contextlib
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -101,6 +100,10 @@ def _kaldi_hop(rate: int) -> int:
     return int(rate * 0.010)  # ASTFeatureExtractor: torchaudio's Kaldi fbank, 25 ms / 10 ms
 
 
+def _kaldi_window(rate: int) -> int:
+    return int(rate * 0.025)
+
+
 def _table(spec: Spec) -> tuple[LayerInfo, ...]:
     frames_1s = -(-spec.sample_rate // spec.stride)
     channels = spec.width
@@ -145,7 +148,7 @@ class HFEncoder(Backbone):
         elif spec.family == "ast":
             self.chunk = int(extractor.max_length) * _kaldi_hop(spec.sample_rate)
             self.ragged_batches = True
-            self.min_samples = int(spec.sample_rate * 0.025)  # one fbank frame
+            self.min_samples = _kaldi_window(spec.sample_rate)  # one fbank frame
         else:
             cfg = network.config
             self.use_mask = (getattr(cfg, "feat_extract_norm", "group") == "layer"
@@ -255,7 +258,7 @@ class HFEncoder(Backbone):
 
     def _ast_inputs(self, rows, owner, samples) -> Inputs:
         ex, rate = self.extractor, self.spec.sample_rate
-        window, hop = int(rate * 0.025), _kaldi_hop(rate)
+        window, hop = _kaldi_window(rate), _kaldi_hop(rate)
         fbank = frontends.kaldi_fbank(rows, rate, int(ex.num_mel_bins), 25.0, 10.0, "hanning")
         frames = frontends.frame_count(samples, window, hop)  # each chunk's own frames
         keep = torch.arange(fbank.shape[1], device=fbank.device)[None, :] < frames[:, None]
