@@ -2,8 +2,9 @@
 
     feats = fusefeat.load("feats")
     table = read_labels("labels.csv", label_column="label", group_column="speaker")
-    data = match(feats, table)                       # rows of feats that have a label
-    result = evaluate(feature_sets(feats, data)["fusion"], data, ProbeSettings(folds=6))
+    data = match(feats.paths, table)                 # the labelled rows of feats
+    x = feature_sets(feats, data.rows, layers=[3])["layer 3"]
+    result = evaluate(x, data, ProbeSettings(folds=6))   # .mean, .std, .accuracies
 
 Per split: 10% of the training side (stratified by label) is held out for validation; a
 StandardScaler is fit on the rest; one linear layer (PyTorch's default initialisation) is trained
