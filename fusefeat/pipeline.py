@@ -138,7 +138,7 @@ def plan_layers(options: ExtractOptions):
     cls = backbone_class(preset)
     table = cls.table(preset, weights=options.weights)
     numbers = [info.number for info in table]
-    default = preset.default_layers or (numbers[-1],)
+    default = cls.default_layers(preset, table)
     taps = parse_layers(options.layers, numbers, default, model=preset.name)
     return preset, cls, table, taps
 
@@ -272,9 +272,8 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
 
         pool = DecodePool(tasks, geometry, clip_samples, workers=options.num_workers,
                           prefetch=options.prefetch)
-        torch.set_grad_enabled(False)
         loop_started = time.monotonic()
-        with _StopFlag() as stop:
+        with torch.no_grad(), _StopFlag() as stop:  # no_grad: the caller's own state is kept
             interrupted = False
             try:
                 for message in pool:
