@@ -13,14 +13,15 @@ import hashlib
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import IO, Iterable, Sequence
+from operator import attrgetter
+from typing import IO, Iterable, NamedTuple, Sequence
 
 from fusefeat.audio import AUDIO_EXTENSIONS
+from fusefeat.bulk import gc_paused
 from fusefeat.errors import FileFailure, UsageError
 
 
-@dataclass(frozen=True)
-class InputFile:
+class InputFile(NamedTuple):  # a tuple: a million of them are made fast and kept small
     key: str  # stored in the output's `path`; UTF-8 (undecodable bytes escaped as \\xNN)
     source: str  # what to open
 
@@ -31,8 +32,17 @@ class Discovery:
     failures: list[FileFailure] = field(default_factory=list)
 
 
+_UTF8_NAMES = sys.getfilesystemencoding().lower().replace("-", "") == "utf8"
+
+
 def printable_key(path: str) -> str:
     """A UTF-8 string for any file name (non-UTF-8 bytes become \\xNN escapes)."""
+    if _UTF8_NAMES:
+        try:  # the usual case, fast: a name that is valid UTF-8 is its own key
+            path.encode("utf-8")
+            return path
+        except UnicodeEncodeError:  # undecodable bytes, held as surrogates
+            pass
     raw = os.fsencode(path)
     try:
         return raw.decode("utf-8")
@@ -42,17 +52,23 @@ def printable_key(path: str) -> str:
 
 def discover(inputs: Sequence[str] = (), files_from: str | None = None,
              stdin: IO[str] | None = None, null_separated: bool = False) -> Discovery:
+    with gc_paused():  # a million files: see fusefeat.bulk
+        return _discover(inputs, files_from, stdin, null_separated)
+
+
+def _discover(inputs, files_from, stdin, null_separated) -> Discovery:
     found = Discovery()
-    origin: dict[str, str] = {}  # key -> the input it came from (to report collisions)
+    seen: dict[str, tuple[str, str]] = {}  # key -> (source, the input it came from)
 
     def add(key: str, source: str, from_input: str) -> None:
-        if key in origin:
-            if os.path.realpath(source) != os.path.realpath(_source_of(found, key)):
+        previous = seen.get(key)
+        if previous is not None:
+            if os.path.realpath(source) != os.path.realpath(previous[0]):
                 raise UsageError(
-                    f"two inputs give the same path {key!r} ({origin[key]} and {from_input})",
+                    f"two inputs give the same path {key!r} ({previous[1]} and {from_input})",
                     hint="pass their common parent directory instead, so that paths stay unique")
             return
-        origin[key] = from_input
+        seen[key] = (source, from_input)
         found.files.append(InputFile(key, source))
 
     for item in inputs:
@@ -67,12 +83,8 @@ def discover(inputs: Sequence[str] = (), files_from: str | None = None,
     if files_from is not None:
         for entry in _read_list(files_from, stdin, null_separated):
             add(printable_key(os.path.normpath(entry)), entry, files_from)
-    found.files.sort(key=lambda f: f.key)
+    found.files.sort(key=attrgetter("key"))
     return found
-
-
-def _source_of(found: Discovery, key: str) -> str:
-    return next(f.source for f in found.files if f.key == key)
 
 
 def _walk(root: str, failures: list[FileFailure]) -> Iterable[tuple[str, str]]:
