@@ -451,10 +451,10 @@ def discover_part(inputs, part: int, parts: int, files_from=None, stdin=None,
     """The files of part `part` of `parts`, and the discovery failures that belong to it."""
     from fusefeat import discover as disc
 
-    found = disc.discover(inputs, files_from=files_from, stdin=stdin, null_separated=null_separated)
-    files = disc.select_part(found.files, part, parts)
+    found = disc.discover(inputs, files_from=files_from, stdin=stdin,
+                          null_separated=null_separated, part=(part, parts))
     failures = [f for f in found.failures if parts <= 1 or disc.part_of(f.path, parts) == part]
-    return files, failures
+    return found.files, failures
 
 
 def _marker_inputs(inputs, files_from) -> list:
