@@ -241,4 +241,7 @@ def _worker_main(d, inputs, options, files, failures, messages, threads):
         messages.put((d, ("crash", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
                           None, EXIT_FATAL)))
     messages.close()
-    messages.join_thread()
+    if os.getppid() != parent:  # nobody will read it: do not wait to flush it (see loader)
+        messages.cancel_join_thread()
+    else:
+        messages.join_thread()
