@@ -76,6 +76,8 @@ def main():
 @click.option("--null", "-0", "null_separated", is_flag=True,
               help="With --files-from: paths are NUL-separated (find -print0).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--devices", help="Several devices, one worker process each, e.g. cuda:0,cuda:1 "
+              "(or all: every visible GPU). Overrides --device.")
 @click.option("--batch-size", "-b", default=16, show_default=True, type=int,
               help="Clips (or windows) per batch at most.")
 @click.option("--batch-seconds", default=320.0, show_default=True, type=float,
@@ -96,8 +98,9 @@ def main():
 @click.option("--commit-seconds", default=600.0, show_default=True, type=float,
               help="Commit the open shard at least this often.")
 @click.option("--shard", "shard", type=_Shard(),
-              help="Process only part I of N (0-based). Default under a SLURM array: "
-              "SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT.")
+              help="Process only part I of N (0-based). Default under a SLURM array: I = "
+              "(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP, "
+              "N = SLURM_ARRAY_TASK_COUNT.")
 @click.option("--overwrite", is_flag=True, help="Delete features already in --out first.")
 @click.option("--retry-failed", is_flag=True, help="Extract again the files recorded as failed.")
 @click.option("--refresh-changed", is_flag=True,
@@ -119,7 +122,7 @@ def extract(inputs, files_from, null_separated, quiet, config_file, **options):
     if not inputs and files_from is None:
         raise UsageError("no input", hint="name directories or files, or use --files-from FILE (or -)")
     if options["shard"] is None:
-        options["shard"] = _slurm_shard()
+        options["shard"] = _slurm_shard(options["out"])
     opts = ExtractOptions(config_file=config_file, progress=not quiet, **options)
     summary = run(list(inputs), opts, files_from=files_from, null_separated=null_separated)
     click.echo(summary.to_json())
@@ -132,7 +135,14 @@ def extract(inputs, files_from, null_separated, quiet, config_file, **options):
     sys.exit(summary.exit_code)
 
 
-def _slurm_shard():
+def _slurm_shard(out: str):
+    """--shard from a SLURM job array's variables (None outside an array).
+
+    I = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP and
+    N = SLURM_ARRAY_TASK_COUNT: right for the array as first submitted (--array=0-99, 1-100,
+    0-198:2). A resubmission of some indices only (--array=3,7) has other MIN and COUNT: that
+    is why the template passes --shard explicitly, and why a split that disagrees with the
+    one the output directory already records is refused here."""
     import os
 
     from fusefeat.errors import UsageError
@@ -142,11 +152,31 @@ def _slurm_shard():
         return None
     count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
     if count is None:
-        raise UsageError("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not",
+        raise UsageError("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not "
+                         "(an old SLURM?)",
+                         hint="pass --shard I/N explicitly, e.g. --shard $SLURM_ARRAY_TASK_ID/N")
+    try:
+        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN") or 0)
+        step = int(os.environ.get("SLURM_ARRAY_TASK_STEP") or 1) or 1
+        part, parts = (int(task) - first) // step, int(count)
+    except ValueError:
+        raise UsageError("the SLURM_ARRAY_TASK_* variables are not numbers",
+                         hint="pass --shard I/N explicitly") from None
+    if not 0 <= part < parts or (int(task) - first) % step:
+        raise UsageError(f"SLURM_ARRAY_TASK_ID={task} is not task I of a regular array of "
+                         f"{parts} (MIN={first}, STEP={step})",
                          hint="pass --shard I/N explicitly")
-    first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-    step = int(os.environ.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
-    return (int(task) - first) // step, int(count)
+    from fusefeat.store.status import recorded_splits
+
+    other = sorted(n for n in recorded_splits(out) if n > 1 and n != parts) if os.path.isdir(out) else []
+    if other:
+        raise UsageError(
+            f"this array has {parts} task(s) (SLURM_ARRAY_TASK_COUNT) but {out} was split into "
+            f"{other[0]} parts: a resubmission of some indices only?",
+            hint=f"pass --shard $SLURM_ARRAY_TASK_ID/{other[0]} (scripts/slurm/"
+                 "extract_array.sbatch does), or use another --out")
+    click.echo(f"fusefeat: SLURM array task {task}: --shard {part}/{parts}", err=True)
+    return part, parts
 
 
 @main.command()
@@ -203,6 +233,25 @@ def info(directory, as_json):
 
     report = describe(directory)
     click.echo(json.dumps(report, sort_keys=True) if as_json else render(report))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--shards", "parts", type=click.IntRange(min=1),
+              help="N of --shard I/N (the array size); default: the split DIRECTORY records.")
+@click.option("--script", default="scripts/slurm/extract_array.sbatch", show_default=True,
+              help="The batch script named in the resubmission command.")
+@click.option("--all", "show_all", is_flag=True, default=None,
+              help="List every part (default: all up to 32 parts, else the unfinished ones).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_friendly
+def status(directory, parts, script, show_all, as_json):
+    """Which parts of a split run (--shard I/N, a SLURM array) are complete, running, partial,
+    failed or missing, and the sbatch command that resubmits just the unfinished ones."""
+    from fusefeat.store.status import part_status, render
+
+    report = part_status(directory, parts=parts, script=script)
+    click.echo(json.dumps(report, sort_keys=True) if as_json else render(report, show_all))
 
 
 @main.command()

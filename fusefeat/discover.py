@@ -13,14 +13,15 @@ import hashlib
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import IO, Iterable, Sequence
+from operator import attrgetter
+from typing import IO, Iterable, Iterator, NamedTuple, Sequence
 
 from fusefeat.audio import AUDIO_EXTENSIONS
+from fusefeat.bulk import gc_paused
 from fusefeat.errors import FileFailure, UsageError
 
 
-@dataclass(frozen=True)
-class InputFile:
+class InputFile(NamedTuple):  # a tuple: a million of them are made fast and kept small
     key: str  # stored in the output's `path`; UTF-8 (undecodable bytes escaped as \\xNN)
     source: str  # what to open
 
@@ -31,8 +32,17 @@ class Discovery:
     failures: list[FileFailure] = field(default_factory=list)
 
 
+_UTF8_NAMES = sys.getfilesystemencoding().lower().replace("-", "") == "utf8"
+
+
 def printable_key(path: str) -> str:
     """A UTF-8 string for any file name (non-UTF-8 bytes become \\xNN escapes)."""
+    if _UTF8_NAMES:
+        try:  # the usual case, fast: a name that is valid UTF-8 is its own key
+            path.encode("utf-8")
+            return path
+        except UnicodeEncodeError:  # undecodable bytes, held as surrogates
+            pass
     raw = os.fsencode(path)
     try:
         return raw.decode("utf-8")
@@ -41,18 +51,31 @@ def printable_key(path: str) -> str:
 
 
 def discover(inputs: Sequence[str] = (), files_from: str | None = None,
-             stdin: IO[str] | None = None, null_separated: bool = False) -> Discovery:
+             stdin: IO[str] | None = None, null_separated: bool = False,
+             part: tuple[int, int] | None = None) -> Discovery:
+    """The sorted files of `inputs` and `files_from`; with `part=(I, N)` only those of part I
+    of N (`select_part`), kept while reading, so that memory follows the part, not the corpus:
+    a list of 100 million paths is streamed."""
+    with gc_paused():  # a million files: see fusefeat.bulk
+        return _discover(inputs, files_from, stdin, null_separated, part)
+
+
+def _discover(inputs, files_from, stdin, null_separated, part) -> Discovery:
     found = Discovery()
-    origin: dict[str, str] = {}  # key -> the input it came from (to report collisions)
+    seen: dict[str, tuple[str, str]] = {}  # key -> (source, the input it came from)
+    index, parts = part if part is not None else (0, 1)
 
     def add(key: str, source: str, from_input: str) -> None:
-        if key in origin:
-            if os.path.realpath(source) != os.path.realpath(_source_of(found, key)):
+        if parts > 1 and part_of(key, parts) != index:
+            return
+        previous = seen.get(key)
+        if previous is not None:
+            if os.path.realpath(source) != os.path.realpath(previous[0]):
                 raise UsageError(
-                    f"two inputs give the same path {key!r} ({origin[key]} and {from_input})",
+                    f"two inputs give the same path {key!r} ({previous[1]} and {from_input})",
                     hint="pass their common parent directory instead, so that paths stay unique")
             return
-        origin[key] = from_input
+        seen[key] = (source, from_input)
         found.files.append(InputFile(key, source))
 
     for item in inputs:
@@ -67,12 +90,8 @@ def discover(inputs: Sequence[str] = (), files_from: str | None = None,
     if files_from is not None:
         for entry in _read_list(files_from, stdin, null_separated):
             add(printable_key(os.path.normpath(entry)), entry, files_from)
-    found.files.sort(key=lambda f: f.key)
+    found.files.sort(key=attrgetter("key"))
     return found
-
-
-def _source_of(found: Discovery, key: str) -> str:
-    return next(f.source for f in found.files if f.key == key)
 
 
 def _walk(root: str, failures: list[FileFailure]) -> Iterable[tuple[str, str]]:
@@ -105,19 +124,36 @@ def _walk(root: str, failures: list[FileFailure]) -> Iterable[tuple[str, str]]:
             yield key, source
 
 
-def _read_list(files_from: str, stdin: IO[str] | None, null_separated: bool) -> list[str]:
+def _read_list(files_from: str, stdin: IO[str] | None, null_separated: bool) -> Iterator[str]:
+    """The entries of a list, streamed (blank ones skipped)."""
     if files_from == "-":
-        stream = stdin if stdin is not None else sys.stdin
-        text = stream.read()
-    else:
-        try:
-            with open(files_from, encoding="utf-8", errors="surrogateescape", newline="") as handle:
-                text = handle.read()
-        except OSError as exc:
-            raise UsageError(f"cannot read --files-from {files_from}: {exc.strerror}") from None
-    separator = "\0" if null_separated else "\n"
-    entries = [e.rstrip("\r") if not null_separated else e for e in text.split(separator)]
-    return [e for e in entries if e.strip()]
+        yield from _entries(stdin if stdin is not None else sys.stdin, null_separated)
+        return
+    try:  # lines end at \n only (a \r before it is dropped): names may hold any other byte
+        handle = open(files_from, encoding="utf-8", errors="surrogateescape", newline="\n")
+    except OSError as exc:
+        raise UsageError(f"cannot read --files-from {files_from}: {exc.strerror}") from None
+    with handle:
+        yield from _entries(handle, null_separated)
+
+
+def _entries(stream: IO[str], null_separated: bool) -> Iterator[str]:
+    if not null_separated:
+        for line in stream:
+            entry = line.rstrip("\n").rstrip("\r")
+            if entry.strip():
+                yield entry
+        return
+    rest = ""
+    while True:
+        chunk = stream.read(1 << 20)
+        if not chunk:
+            break
+        pieces = (rest + chunk).split("\0")
+        rest = pieces.pop()
+        yield from (p for p in pieces if p.strip())
+    if rest.strip():
+        yield rest
 
 
 def part_of(key: str, parts: int) -> int:

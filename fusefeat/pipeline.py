@@ -46,6 +46,7 @@ class ExtractOptions:
     shard_size: int = 1000
     commit_seconds: float = 600.0
     shard: Optional[tuple] = None  # (I, N): process only part I of N
+    devices: Optional[object] = None  # "cuda:0,cuda:1" or a list: one worker process per device
     device_slot: Optional[int] = None  # set by --devices for its worker processes
     overwrite: bool = False
     retry_failed: bool = False
@@ -82,18 +83,33 @@ class Summary:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM: finish the batch in flight, commit, exit. A second signal is immediate."""
+_STOP_REQUESTED = []  # a stop asked for before the run installed its handlers
 
-    def __init__(self):
+
+def request_stop() -> None:
+    """Make the next run of this process stop (and commit) as soon as it starts."""
+    _STOP_REQUESTED.append(True)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM: finish the batch in flight, commit, exit. A second signal is immediate.
+
+    The worker processes of --devices listen to SIGUSR1 instead (their parent forwards one
+    stop request per signal it receives, see fusefeat.devices)."""
+
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
         self.stopped = False
         self.signal_name = ""
+        self.signals = tuple(signals)
         self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        if _STOP_REQUESTED:
+            _STOP_REQUESTED.clear()
+            self.stopped, self.signal_name = True, "stop request"
         return self
 
     def _handle(self, signum, frame):
@@ -145,11 +161,15 @@ def plan_layers(options: ExtractOptions):
 
 def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None, *,
             files_from: Optional[str] = None, stdin: Optional[IO[str]] = None,
-            null_separated: bool = False, log=None, **overrides) -> Summary:
-    """Extract fused vectors for every audio file under `inputs` into `options.out`."""
+            null_separated: bool = False, log=None, selection=None, stop_signals=None,
+            **overrides) -> Summary:
+    """Extract fused vectors for every audio file under `inputs` into `options.out`.
+
+    With `options.devices` (several), one worker process per device does the work (see
+    fusefeat.devices). `selection` (files, discovery failures) is the share of one such
+    worker, already discovered by its parent; `stop_signals` the signals it stops on."""
     import torch
 
-    from fusefeat import discover as disc
     from fusefeat.assemble import Assembler
     from fusefeat.batching import Batcher
     from fusefeat.loader import DecodePool, DecodeTask, Failed, Tick
@@ -167,6 +187,14 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
     log = log or (lambda message: print(f"fusefeat: {message}", file=sys.stderr))
     started = time.monotonic()
     _check_options(options)
+    if options.devices is not None and selection is None:
+        from fusefeat.devices import extract_on_devices, parse_devices
+
+        devices = parse_devices(options.devices)
+        if len(devices) > 1:
+            return extract_on_devices(inputs, options, devices, files_from=files_from,
+                                      stdin=stdin, null_separated=null_separated, log=log)
+        options.device, options.devices = devices[0], None
 
     preset, cls, table, taps = plan_layers(options)
     device = resolve_device(options.device)
@@ -174,11 +202,12 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
         raise UsageError(f"--precision {options.precision} needs a CUDA device",
                          hint="on the CPU fusefeat computes in fp32")
 
-    found = disc.discover(inputs, files_from=files_from, stdin=stdin, null_separated=null_separated)
     part, parts = options.shard or (0, 1)
-    files = disc.select_part(found.files, part, parts)
-    discover_failures = [f for f in found.failures
-                         if parts <= 1 or disc.part_of(f.path, parts) == part]
+    if selection is None:
+        files, discover_failures = discover_part(inputs, part, parts, files_from=files_from,
+                                                 stdin=stdin, null_separated=null_separated)
+    else:
+        files, discover_failures = selection
 
     backbone = cls.build(preset, weights=options.weights).to(device).eval()
     window_seconds = options.window_seconds or preset.window_seconds
@@ -208,13 +237,15 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
                               extra={"model": preset.name, "layers": list(taps), "dim": schema.dim})
     slot = layout.Slot(part, parts, options.device_slot)
     lock = SlotLock(out, slot.label).acquire()
+    marker_inputs = _marker_inputs(inputs, files_from)
     try:
+        write_part_marker(out, slot, {"status": "running", "files": len(files)}, marker_inputs)
         if lock.exclusive:  # nobody else writes this slot: its temporary files are leftovers
             for stale in layout.temp_files(out, slot.label):
                 stale.unlink(missing_ok=True)
-        state = scan(out, quarantine=lock.exclusive, warn=log)
+        state = scan(out, quarantine=lock.exclusive, warn=log, part=(part, parts))
         todo, skipped = _select_todo(files, state, options, log)
-        recorded = {k for k, (_, row, _, _) in state.latest.items() if row < 0}
+        recorded = set(state.failures)  # paths whose latest record is a failure
         new_discover_failures = [f for f in discover_failures if f.path not in recorded]
         attrs = _shard_attrs(preset, backbone, taps, table, schema, manifest, fields, options,
                              slot)
@@ -273,7 +304,8 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
         pool = DecodePool(tasks, geometry, clip_samples, workers=options.num_workers,
                           prefetch_mb=options.prefetch_mb)
         loop_started = time.monotonic()
-        with torch.no_grad(), _StopFlag() as stop:  # no_grad: the caller's own state is kept
+        # no_grad: the caller's own autograd state is kept
+        with torch.no_grad(), _StopFlag(stop_signals or (signal.SIGINT, signal.SIGTERM)) as stop:
             interrupted = False
             try:
                 for message in pool:
@@ -302,23 +334,29 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
                 progress.close()
             committed = writer.close(commit=True)
         loop_seconds = time.monotonic() - loop_started
+        done_now = counts["extracted"] + counts["failed"] - len(new_discover_failures)
+        final_state_failures = _failed_after(state, files, discover_failures, todo, failed_files,
+                                             new_discover_failures)
+        elapsed = time.monotonic() - started
+        summary = Summary(
+            status="interrupted" if interrupted else ("partial" if final_state_failures else "complete"),
+            output=str(out), model=preset.name, layers=list(taps), dim=schema.dim,
+            files=len(files), extracted=counts["extracted"], failed=counts["failed"],
+            skipped=skipped, failed_total=final_state_failures,
+            pending=max(0, len(todo) - done_now), seconds=round(elapsed, 3),
+            loop_seconds=round(loop_seconds, 3),
+            clips_per_second=round(counts["extracted"] / loop_seconds, 3) if loop_seconds else 0.0,
+            shards=[p.name for p in committed])
+        write_part_marker(out, slot, asdict(summary), marker_inputs)
+    except Exception as exc:
+        try:  # `fusefeat status` reports this part as failed (and resubmits it)
+            write_part_marker(out, slot, {"status": "error", "files": len(files),
+                                          "error": f"{type(exc).__name__}: {exc}"}, marker_inputs)
+        except OSError:
+            pass
+        raise
     finally:
         lock.release()
-    done_now = counts["extracted"] + counts["failed"] - len(new_discover_failures)
-    final_state_failures = _failed_after(state, todo, failed_files, new_discover_failures)
-    elapsed = time.monotonic() - started
-    summary = Summary(
-        status="interrupted" if interrupted else ("partial" if final_state_failures else "complete"),
-        output=str(out), model=preset.name, layers=list(taps), dim=schema.dim,
-        files=len(files), extracted=counts["extracted"], failed=counts["failed"],
-        skipped=skipped, failed_total=final_state_failures,
-        pending=max(0, len(todo) - done_now), seconds=round(elapsed, 3),
-        loop_seconds=round(loop_seconds, 3),
-        clips_per_second=round(counts["extracted"] / loop_seconds, 3) if loop_seconds else 0.0,
-        shards=[p.name for p in committed])
-    _write_part_marker(out, slot, summary,
-                       [os.path.abspath(p) for p in inputs] + ([os.path.abspath(files_from)]
-                                                               if files_from not in (None, "-") else []))
     return summary
 
 
@@ -339,6 +377,12 @@ def _check_options(options: ExtractOptions) -> None:
         part, parts = options.shard
         if parts < 1 or not 0 <= part < parts:
             raise UsageError(f"--shard {part}/{parts}: I must be in 0..N-1")
+        if parts > 1 and options.overwrite:
+            raise UsageError(
+                "--overwrite with --shard (or under a SLURM array) would let every part delete "
+                "the features of the others",
+                hint="empty the output directory once (or choose a new --out) before the array "
+                     "starts")
 
 
 def _select_todo(files, state, options: ExtractOptions, log):
@@ -374,10 +418,13 @@ def _changed(source: str, size: int, mtime_ns: int) -> bool:
     return st.st_size != size or st.st_mtime_ns != mtime_ns
 
 
-def _failed_after(state, todo, failed_files, new_discover_failures) -> int:
-    """Files whose latest record is a failure once this run's records are in."""
-    retried = {todo[i].key for i in range(len(todo))}
-    still = {k for k in state.failures if k not in retried}
+def _failed_after(state, files, discover_failures, todo, failed_files,
+                  new_discover_failures) -> int:
+    """Files of this run's input (this part's) whose latest record is a failure once this
+    run's records are in. Failures of other parts do not count here."""
+    mine = {f.key for f in files} | {f.path for f in discover_failures}
+    retried = {f.key for f in todo}
+    still = {k for k in state.failures if k in mine and k not in retried}
     still |= {todo[i].key for i in failed_files}
     still |= {f.path for f in new_discover_failures}
     return len(still)
@@ -419,14 +466,39 @@ def _shard_attrs(preset, backbone, taps, table, schema, manifest, fields, option
     }
 
 
-def _write_part_marker(out: Path, slot, summary: Summary, inputs: list) -> None:
+def discover_part(inputs, part: int, parts: int, files_from=None, stdin=None,
+                  null_separated: bool = False):
+    """The files of part `part` of `parts`, and the discovery failures that belong to it."""
+    from fusefeat import discover as disc
+
+    found = disc.discover(inputs, files_from=files_from, stdin=stdin,
+                          null_separated=null_separated, part=(part, parts))
+    failures = [f for f in found.failures if parts <= 1 or disc.part_of(f.path, parts) == part]
+    return found.files, failures
+
+
+def _marker_inputs(inputs, files_from) -> list:
+    return ([os.path.abspath(p) for p in inputs]
+            + ([os.path.abspath(files_from)] if files_from not in (None, "-") else []))
+
+
+def write_part_marker(out: Path, slot, data: dict, inputs: list) -> None:
+    """DIR/parts/<slot>.json: "running" when a run starts, then its summary (or "error")."""
+    import socket
+
     from fusefeat.store import layout
     from fusefeat.store.atomic import write_json_atomic
 
-    marker = out / layout.PARTS / f"{slot.label}.json"
-    data = asdict(summary)
+    marker = Path(out) / layout.PARTS / f"{slot.label}.json"
+    data = dict(data)
     data.update({"part": slot.part, "parts": slot.parts, "device_slot": slot.device,
-                 "finished_unix": time.time(), "cwd": os.getcwd(), "inputs": inputs})
+                 "host": socket.gethostname(), "pid": os.getpid(), "cwd": os.getcwd(),
+                 "inputs": inputs, "updated_unix": time.time(),
+                 "slurm": {k: os.environ[v] for k, v in
+                           (("job_id", "SLURM_JOB_ID"), ("array_job_id", "SLURM_ARRAY_JOB_ID"),
+                            ("array_task_id", "SLURM_ARRAY_TASK_ID")) if v in os.environ}})
+    if data["status"] != "running":
+        data["finished_unix"] = data["updated_unix"]
     write_json_atomic(marker, data)
 
 

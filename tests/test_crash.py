@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import FSDD, REPO, run_cli, summary_of
+from conftest import FSDD, NSYNTH, REPO, run_cli, summary_of
 
 import fusefeat
 
@@ -187,3 +187,29 @@ def test_two_writers_of_the_same_part_do_not_collide(tmp_path, job):
     if second.returncode != 0:  # refused while the first held the lock
         assert second.returncode == 1 and "another fusefeat process" in second.stderr
     same_as_reference(out, reference)
+
+
+ORPHAN = """
+import os, signal, sys, time
+from fusefeat.loader import DecodePool, DecodeTask
+from fusefeat.windows import Geometry
+files = sorted(os.listdir(sys.argv[1]))[:20]  # 4 s at 16 kHz: one segment fills a pipe
+tasks = [DecodeTask(i, name, os.path.join(sys.argv[1], name)) for i, name in enumerate(files)]
+geometry = Geometry(sample_rate=16000, window=160000, align=160, context=0, lookahead=0,
+                    min_samples=16000)
+pool = iter(DecodePool(tasks, geometry, workers=1, prefetch_mb=64))
+next(pool)
+time.sleep(3)  # the worker decodes ahead: its share of segments fills the results pipe
+print("killing myself", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_decode_workers_of_a_killed_run_exit_and_release_its_output():
+    """A run killed alone (not its process group) leaves decode workers with segments that
+    nobody will read; they must exit at once, not hold the run's stdout/stderr open forever."""
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", ORPHAN, str(NSYNTH)], env=_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL and "killing myself" in result.stdout
+    assert time.monotonic() - start < 60

@@ -25,7 +25,7 @@ def describe(directory: str | Path, check_changed: bool = True) -> dict:
     for key, failure in sorted(failures.items()):
         by_reason[f"{failure.stage}: {failure.error_type}"].append(key)
     flag_counts = _flag_counts(result)
-    files_listed = sum(m.get("files", 0) for m in markers.values()) if markers else None
+    files_listed = _files_listed(markers)
     pending = (max(0, files_listed - len(committed) - len(failures))
                if files_listed is not None else None)
     changed = _changed_files(result, markers) if check_changed else []
@@ -82,6 +82,19 @@ def _part_markers(directory: Path) -> dict:
             except (OSError, ValueError):
                 continue
     return markers
+
+
+def _files_listed(markers: dict):
+    """Files the parts listed: one marker per part (not the --devices workers' own), of one
+    split; unknown (None) when the parts of several splits wrote to the directory."""
+    parts = {}
+    for label, marker in markers.items():
+        slot = layout.parse_slot(label)
+        if slot is not None and slot.device is None:
+            parts[slot] = marker
+    if not parts or len({slot.parts for slot in parts}) != 1:
+        return None
+    return sum(m.get("files", 0) or 0 for m in parts.values())
 
 
 def _changed_files(result, markers: dict) -> list[str]:

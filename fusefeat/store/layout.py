@@ -19,6 +19,7 @@ MERGED_FORMAT = "fusefeat-merged"
 FORMAT_VERSION = 1
 
 _SHARD_RE = re.compile(r"^shard-(?P<slot>p\d+of\d+(?:-d\d+)?)-(?P<run>[0-9a-f]+)-(?P<seq>\d+)\.h5$")
+_SLOT_RE = re.compile(r"^p(?P<part>\d+)of(?P<parts>\d+)(?:-d(?P<device>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,29 @@ def committed_shards(directory: Path) -> list[Path]:
 
 
 def temp_files(directory: Path, slot_label: str | None = None) -> list[Path]:
+    """Temporary shards (of one slot only, when given: p0000of0001 is not p0000of0001-d0)."""
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
-    prefix = TMP_PREFIX + SHARD_PREFIX + (slot_label + "-" if slot_label else "")
-    return sorted(directory / n for n in names if n.startswith(prefix))
+    found = []
+    for name in names:
+        if not name.startswith(TMP_PREFIX + SHARD_PREFIX):
+            continue
+        match = _SHARD_RE.match(name[len(TMP_PREFIX):])
+        if slot_label is None or (match is not None and match.group("slot") == slot_label):
+            found.append(directory / name)
+    return sorted(found)
+
+
+def parse_slot(label: str) -> "Slot | None":
+    """The Slot a label (p0003of0010, p0003of0010-d1) names, or None."""
+    match = _SLOT_RE.match(label)
+    if match is None:
+        return None
+    device = match.group("device")
+    return Slot(int(match.group("part")), int(match.group("parts")),
+                int(device) if device is not None else None)
 
 
 def host_and_pid() -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from pathlib import Path
 
 from fusefeat.errors import OutputError
@@ -29,15 +30,27 @@ class SlotLock:
         self.fd: int | None = None
         self.exclusive = False  # True when the lock really is held
 
-    def acquire(self) -> "SlotLock":
+    def acquire(self, patience: float = 2.0) -> "SlotLock":
+        """Take the lock; a holder that lets go within `patience` seconds (`fusefeat status`
+        probing it, say) is waited for, a real second writer is refused."""
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if fcntl is None:
             return self
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self.exclusive = True
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.exclusive = True
+                break
+            except OSError as exc:
+                refused = exc
+            if (refused.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+                    and time.monotonic() < deadline):
+                time.sleep(0.05)
+                continue
+            break
+        if not self.exclusive:
+            if refused.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 holder = self._holder()
                 os.close(self.fd)
                 self.fd = None
@@ -45,7 +58,7 @@ class SlotLock:
                     f"another fusefeat process ({holder}) is writing {self.label} of "
                     f"{self.path.parent}",
                     hint="wait for it to finish, or write to another --out") from None
-            print(f"fusefeat: warning: cannot lock {self.path} ({exc.strerror}); going on "
+            print(f"fusefeat: warning: cannot lock {self.path} ({refused.strerror}); going on "
                   "without a lock (see README: shared file systems)", file=sys.stderr)
             return self
         os.ftruncate(self.fd, 0)
@@ -70,3 +83,30 @@ class SlotLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def holder_of(path: Path) -> str | None:
+    """Who holds the lock file `path` now ("host:pid"), or None when nobody does.
+
+    Probes with a shared lock held for an instant (a writer starting at that moment waits for
+    it, see `acquire`). Where locks are refused, says nothing (None)."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                try:
+                    return os.read(fd, 256).decode(errors="replace").strip() or "unknown"
+                except OSError:
+                    return "unknown"
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

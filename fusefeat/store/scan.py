@@ -12,12 +12,14 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Optional
 
 import h5py
 import numpy as np
 
+from fusefeat.bulk import gc_paused
 from fusefeat.errors import FileFailure
 from fusefeat.store import layout
 from fusefeat.store.h5 import open_read
@@ -32,7 +34,20 @@ class ShardInfo:
     fingerprint: str
     slot: str
     size_bytes: int
-    attrs: dict = field(default_factory=dict)
+    _attrs: Optional[dict] = field(default=None, repr=False)
+
+    @property
+    def attrs(self) -> dict:
+        """Every attribute of the shard, read when first asked for (a scan reads only the few
+        it needs: a million rows in a thousand shards are scanned in seconds)."""
+        if self._attrs is None:
+            with open_read(self.path) as f:
+                self._attrs = plain_attrs(f)
+        return self._attrs
+
+
+def plain_attrs(f: h5py.File) -> dict:
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
 
 
 @dataclass
@@ -48,7 +63,8 @@ class Scan:
 
     def rows_in_order(self) -> list[tuple[str, int, int]]:
         """(key, shard index, row) of every extracted file, sorted by key."""
-        return [(k, v[0], v[1]) for k, v in sorted(self.latest.items()) if v[1] >= 0]
+        with gc_paused():
+            return [(k, v[0], v[1]) for k, v in sorted(self.latest.items()) if v[1] >= 0]
 
 
 def check_shard(f: h5py.File) -> Optional[str]:
@@ -60,9 +76,10 @@ def check_shard(f: h5py.File) -> Optional[str]:
         return "never completed"
     rows, errors = int(attrs.get("rows", -1)), int(attrs.get("errors", -1))
     try:
-        if f["embeddings"].shape[0] != rows or f["path"].shape[0] != rows:
-            return f"holds {f['embeddings'].shape[0]} rows, its header says {rows}"
-        if f["embeddings"].shape[1] != int(attrs.get("dim", -1)):
+        shape = f["embeddings"].shape
+        if shape[0] != rows or f["path"].shape[0] != rows:
+            return f"holds {shape[0]} rows, its header says {rows}"
+        if shape[1] != int(attrs.get("dim", -1)):
             return "embedding width differs from its header"
         if f["errors/path"].shape[0] != errors:
             return "error count differs from its header"
@@ -71,54 +88,66 @@ def check_shard(f: h5py.File) -> Optional[str]:
     return None
 
 
-def scan(directory: Path, quarantine: bool = True, warn=None) -> Scan:
+def scan(directory: Path, quarantine: bool = True, warn=None,
+         part: Optional[tuple[int, int]] = None) -> Scan:
+    """The resume index of `directory`. With `part=(I, N)`, only the shards that can hold files
+    of part I of N: those of part I (any device) and those of other splits (another N, or no
+    split); the shards of the other parts of the same split are skipped unopened, so each task
+    of an array reads about 1/N of the directory."""
     directory = Path(directory)
     warn = warn or (lambda message: print(f"fusefeat: warning: {message}", file=sys.stderr))
     result = Scan()
-    newest: dict[str, tuple[int, str]] = {}  # key -> (committed_ns, shard name) of its record
+    indexes = []
     for path in layout.committed_shards(directory):
+        if part is not None and part[1] > 1 and not _may_hold(path.name, *part):
+            continue
         try:
             with open_read(path) as f:
                 problem = check_shard(f)
                 if problem is None:
-                    info, keys, sizes, mtimes, failures = _read_index(f, path)
+                    indexes.append(_read_index(f, path))
         except (OSError, KeyError, ValueError, RuntimeError) as exc:
             problem = f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         if problem is not None:
             _set_aside(directory, path, problem, quarantine, warn, result)
-            continue
-        index = len(result.shards)
-        result.shards.append(info)
-        stamp = (info.committed_ns, path.name)
-        for row, key in enumerate(keys):
-            if newest.get(key, (-1, ""))[0:2] < stamp:
-                newest[key] = stamp
-                result.latest[key] = (index, row, int(sizes[row]), int(mtimes[row]))
-                result.failures.pop(key, None)
-        for failure in failures:
-            if newest.get(failure.path, (-1, ""))[0:2] < stamp:
-                newest[failure.path] = stamp
-                result.latest[failure.path] = (index, -1, -1, -1)
-                result.failures[failure.path] = failure
+    # Oldest commit first, so that a later record of the same path simply replaces an earlier
+    # one; within a shard a row outranks an error record of the same path.
+    indexes.sort(key=lambda entry: (entry[0].committed_ns, entry[0].path.name))
+    latest = result.latest
+    failures: dict = {}
+    with gc_paused():  # a million rows: see fusefeat.bulk
+        for index, (info, keys, sizes, mtimes, errors) in enumerate(indexes):
+            result.shards.append(info)
+            for failure in errors:
+                latest[failure.path] = (index, -1, -1, -1)
+                failures[failure.path] = failure
+            latest.update(zip(keys, zip(repeat(index), range(len(keys)), sizes, mtimes)))
+    result.failures = {k: f for k, f in failures.items() if latest[k][1] < 0}
     return result
 
 
+def _may_hold(name: str, part: int, parts: int) -> bool:
+    match = layout.parse_shard_name(name)
+    slot = layout.parse_slot(match.group("slot")) if match else None
+    return slot is None or slot.parts != parts or slot.part == part
+
+
 def _read_index(f: h5py.File, path: Path):
-    attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+    attrs = f.attrs
     match = layout.parse_shard_name(path.name)
     info = ShardInfo(path=path, rows=int(attrs["rows"]), errors=int(attrs["errors"]),
                      committed_ns=int(attrs.get("committed_ns", 0)),
                      fingerprint=str(attrs.get("fingerprint", "")),
                      slot=match.group("slot") if match else "",
-                     size_bytes=os.path.getsize(path), attrs=attrs)
-    keys = f["path"].asstr()[:] if info.rows else []
-    sizes = f["file_size"][:] if info.rows else []
-    mtimes = f["file_mtime_ns"][:] if info.rows else []
+                     size_bytes=os.path.getsize(path))
+    keys = f["path"].asstr()[:].tolist() if info.rows else []
+    sizes = f["file_size"][:].tolist() if info.rows else []
+    mtimes = f["file_mtime_ns"][:].tolist() if info.rows else []
     failures = []
     if info.errors:
         columns = [f[f"errors/{n}"].asstr()[:] for n in ("path", "stage", "type", "message")]
         failures = [FileFailure(*values) for values in zip(*columns)]
-    return info, list(keys), sizes, mtimes, failures
+    return info, keys, sizes, mtimes, failures
 
 
 def _set_aside(directory: Path, path: Path, problem: str, quarantine: bool, warn, result: Scan):
