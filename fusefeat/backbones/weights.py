@@ -100,7 +100,13 @@ def load_torch_checkpoint(path: Path, model: str) -> Any:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:  # mmap: tensors are read from the page cache as they are copied into the model
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            # checkpoints saved before torch 1.6 (legacy format) cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"cannot read {path} as a {model} checkpoint: {first}",
