@@ -106,7 +106,9 @@ def load_torch_checkpoint(path: Path, model: str) -> Any:
             # checkpoints saved before torch 1.6 (legacy format) cannot be memory-mapped
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any way a file fails to load means "not usable"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if len(first) < 20:  # e.g. a bare KeyError from unpickling text: name the kind too
+            first = f"{type(exc).__name__} {first}".strip()
         raise WeightsError(f"cannot read {path} as a {model} checkpoint: {first}",
                            hint="the file is corrupt or not a PyTorch checkpoint; "
                                 "download it again or check --weights") from None
