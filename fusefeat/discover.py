@@ -9,6 +9,7 @@ on the file system. Keys are what the output stores in `path` and what resume ma
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sys
@@ -29,6 +30,7 @@ class InputFile:
 class Discovery:
     files: list[InputFile] = field(default_factory=list)
     failures: list[FileFailure] = field(default_factory=list)
+    skipped: int = 0  # files passed over while walking: no audio extension
 
 
 def printable_key(path: str) -> str:
@@ -57,7 +59,7 @@ def discover(inputs: Sequence[str] = (), files_from: str | None = None,
 
     for item in inputs:
         if os.path.isdir(item):
-            for key, source in _walk(item, found.failures):
+            for key, source in _walk(item, found):
                 add(key, source, item)
         elif os.path.lexists(item):
             add(printable_key(os.path.normpath(item)), item, item)
@@ -75,8 +77,9 @@ def _source_of(found: Discovery, key: str) -> str:
     return next(f.source for f in found.files if f.key == key)
 
 
-def _walk(root: str, failures: list[FileFailure]) -> Iterable[tuple[str, str]]:
+def _walk(root: str, found: Discovery) -> Iterable[tuple[str, str]]:
     visited: set[tuple[int, int]] = set()
+    failures = found.failures
 
     def on_error(exc: OSError) -> None:
         name = printable_key(os.path.relpath(exc.filename, root)) if exc.filename else root
@@ -95,20 +98,33 @@ def _walk(root: str, failures: list[FileFailure]) -> Iterable[tuple[str, str]]:
         subdirs.sort()
         for name in files:
             if os.path.splitext(name)[1].lower() not in AUDIO_EXTENSIONS:
+                found.skipped += 1
                 continue
             source = os.path.join(directory, name)
             key = printable_key(os.path.relpath(source, root)).replace(os.sep, "/")
-            if os.path.islink(source) and not os.path.exists(source):
-                failures.append(FileFailure(key, "discover", "BrokenSymlink",
-                                            "broken symbolic link (its target does not exist)"))
-                continue
+            if os.path.islink(source):
+                try:
+                    os.stat(source)
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        failures.append(FileFailure(key, "discover", "SymlinkLoop",
+                                                    "symbolic link loop (the link leads back to "
+                                                    "itself, never to a file)"))
+                    else:
+                        failures.append(FileFailure(key, "discover", "BrokenSymlink",
+                                                    "broken symbolic link (its target does not "
+                                                    "exist)"))
+                    continue
             yield key, source
 
 
 def _read_list(files_from: str, stdin: IO[str] | None, null_separated: bool) -> list[str]:
     if files_from == "-":
         stream = stdin if stdin is not None else sys.stdin
-        text = stream.read()
+        raw = getattr(stream, "buffer", None)
+        # bytes, decoded like file names (non-UTF-8 names survive as surrogate escapes), not
+        # with the locale's strict text codec
+        text = os.fsdecode(raw.read()) if raw is not None else stream.read()
     else:
         try:
             with open(files_from, encoding="utf-8", errors="surrogateescape", newline="") as handle:
