@@ -1,8 +1,10 @@
 """Decoding in worker processes, ahead of the model.
 
 The main process hands out files; each worker probes a file, plans its segments
-(fusefeat.windows) and sends them back one at a time, holding a credit per segment in flight so
-that memory stays bounded (`prefetch` segments at most, whatever the files' lengths). A worker
+(fusefeat.windows) and sends them back one at a time, holding credits for the segments in flight
+so that memory stays bounded whatever the files' lengths: a segment costs one credit per MiB of
+decoded samples (at least one), and each worker has `prefetch / workers` credits, so at most
+that many short clips, or that many MiB of a long file's windows, wait at once. A worker
 that dies (a crash inside a codec library, say) costs only the file it was reading: that file
 is reported as failed and a new worker takes over. With `workers=0` decoding runs inline.
 """
@@ -40,6 +42,15 @@ class Failed:
     failure: FileFailure
 
 
+CREDIT_SAMPLES = 1 << 18  # float32 samples per credit: 1 MiB of decoded audio
+
+
+def credit_cost(samples: int, per_worker: int) -> int:
+    """Credits a decoded segment holds while it waits: one per MiB, at least one, and never more
+    than a worker has (a segment larger than the whole budget waits alone)."""
+    return max(1, min(per_worker, -(-samples // CREDIT_SAMPLES)))
+
+
 @dataclass(frozen=True)
 class DecodeTask:
     file_index: int
@@ -68,7 +79,7 @@ def decode(task: DecodeTask, geometry: Geometry, clip_samples: Optional[int]) ->
                                                   "out of memory while decoding this file"))
 
 
-def _worker_main(worker_id, tasks, results, credits, geometry, clip_samples):
+def _worker_main(worker_id, tasks, results, credits, per_worker, geometry, clip_samples):
     # Ctrl-C and SLURM's SIGTERM reach the whole process group: the main process decides when
     # to stop (it commits first), workers must not die under it and look like crashed decoders.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -90,9 +101,10 @@ def _worker_main(worker_id, tasks, results, credits, geometry, clip_samples):
         results.put(("begin", worker_id, task.file_index))
         for message in decode(task, geometry, clip_samples):
             if isinstance(message, Segment):
-                while not credits.acquire(timeout=1.0):
-                    if orphaned():
-                        return
+                for _ in range(credit_cost(message.wave.size, per_worker)):
+                    while not credits.acquire(timeout=1.0):
+                        if orphaned():
+                            return
             results.put(("item", worker_id, message))
         results.put(("end", worker_id, task.file_index))
 
@@ -102,8 +114,9 @@ class DecodePool:
 
     Workers decode ahead; results are handed out in the order of the tasks (then of the pieces
     within a file), so batches and vectors do not depend on which worker was faster. Each worker
-    holds at most `prefetch / workers` decoded segments that wait to be handed out; the worker
-    of the file being handed out never waits on another worker, so this cannot deadlock."""
+    holds at most `prefetch / workers` credits of decoded segments that wait to be handed out
+    (one per segment, or per MiB of a long one); the worker of the file being handed out never
+    waits on another worker, so this cannot deadlock."""
 
     def __init__(self, tasks: Sequence[DecodeTask], geometry: Geometry,
                  clip_samples: Optional[int] = None, workers: int = 2, prefetch: int = 64):
@@ -128,8 +141,8 @@ class DecodePool:
         credits = self._context.Semaphore(self.per_worker)
         proc = self._context.Process(
             target=_worker_main, name=f"fusefeat-decode-{worker_id}", daemon=True,
-            args=(worker_id, self._task_queue, self._results, credits, self.geometry,
-                  self.clip_samples))
+            args=(worker_id, self._task_queue, self._results, credits, self.per_worker,
+                  self.geometry, self.clip_samples))
         proc.start()
         self._procs[worker_id] = proc
         self._credits[worker_id] = credits
@@ -159,7 +172,8 @@ class DecodePool:
         def release(worker_id: int, message) -> None:
             credits = self._credits.get(worker_id)
             if credits is not None and isinstance(message, Segment):
-                credits.release()
+                for _ in range(credit_cost(message.wave.size, self.per_worker)):
+                    credits.release()
 
         try:
             feed()
