@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
 
 from fusefeat import __version__
-from fusefeat.errors import EXIT_CODES_HELP, EXIT_FATAL, FusefeatError
+from fusefeat.errors import EXIT_CODES_HELP, EXIT_FATAL, FusefeatError, WriteError
 
 MODELS_HELP = "vggish, cnn14, ast, yamnet, or hf:ID_OR_PATH (any Hugging Face audio encoder)"
 
@@ -29,6 +30,14 @@ def _friendly(func):
             click.echo(f"fusefeat: error: {exc.message}", err=True)
             if exc.hint:
                 click.echo(f"  hint: {exc.hint}", err=True)
+            if isinstance(exc, WriteError) and exc.hdf5_failed:
+                # A write that failed inside HDF5 (fusefeat checks for room first, but an I/O
+                # error or a quota can still strike) leaves HDF5 objects that can crash the
+                # interpreter at exit and turn exit code 1 into a segfault. Committed shards are
+                # durable and the open one is removed: end the process here.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(exc.exit_code)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("fusefeat: interrupted", err=True)

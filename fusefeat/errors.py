@@ -52,6 +52,14 @@ class OutputError(FusefeatError):
     """The output directory cannot be used (not writable, other fingerprint, locked)."""
 
 
+class WriteError(OutputError):
+    """Writing into the output directory failed mid-run (disk full, quota, file size limit, I/O
+    error). Fatal: what was committed before stays valid; the same command resumes."""
+
+    stage = "write"
+    hdf5_failed = False  # the failure happened inside HDF5 (not refused before it)
+
+
 class AudioError(Exception):
     """One input file cannot be used; recorded in the ledger, the run goes on."""
 

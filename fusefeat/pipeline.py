@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import IO, Optional, Sequence
 
 from fusefeat import __version__
-from fusefeat.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, FileFailure, UsageError)
+from fusefeat.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, FileFailure, UsageError,
+                             WriteError)
 
 DEFAULT_OUT = "fusefeat_out"
 
@@ -148,13 +149,14 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
     import torch
 
     from fusefeat import discover as disc
+    from fusefeat.audio import AUDIO_EXTENSIONS
     from fusefeat.assemble import Assembler
     from fusefeat.batching import Batcher
     from fusefeat.loader import DecodePool, DecodeTask, Failed
     from fusefeat.runner import PRECISIONS, Runner
     from fusefeat.store import layout
     from fusefeat.store.lock import SlotLock
-    from fusefeat.store.manifest import prepare_output
+    from fusefeat.store.manifest import check_output, prepare_output
     from fusefeat.store.scan import scan
     from fusefeat.store.writer import BackgroundWriter, Schema, ShardWriter
     from fusefeat.windows import Geometry
@@ -172,7 +174,14 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
         raise UsageError(f"--precision {options.precision} needs a CUDA device",
                          hint="on the CPU fusefeat computes in fp32")
 
+    check_output(Path(options.out))
     found = disc.discover(inputs, files_from=files_from, stdin=stdin, null_separated=null_separated)
+    if not found.files and not found.failures:
+        where = ", ".join(list(inputs) + ([f"--files-from {files_from}"] if files_from else []))
+        log(f"warning: no audio files found in {where}"
+            + (f" ({found.skipped} other file(s) skipped: only these extensions are read: "
+               f"{', '.join(sorted(AUDIO_EXTENSIONS))})" if found.skipped else "")
+            + "; nothing to do")
     part, parts = options.shard or (0, 1)
     files = disc.select_part(found.files, part, parts)
     discover_failures = [f for f in found.failures
@@ -282,14 +291,25 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
                         if stop.stopped:
                             break
                 interrupted = interrupted or stop.stopped
+                committed = writer.close(commit=True)
+            except WriteError as exc:
+                writer.close(commit=False, raise_errors=False)
+                done = writer.writer.committed_records
+                exc.hint = (f"{exc.hint} ({done} file record(s) committed before the failure)"
+                            if exc.hint else None)
+                raise
+            except BaseException:
+                # a bug, or an immediate second signal: drop the open shard (its files stay
+                # pending), keep every committed one, and let the error show
+                writer.close(commit=False, raise_errors=False)
+                raise
             finally:
                 pool.close()
                 progress.close()
-            committed = writer.close(commit=True)
     finally:
         lock.release()
     done_now = counts["extracted"] + counts["failed"] - len(new_discover_failures)
-    final_state_failures = _failed_after(state, todo, failed_files, new_discover_failures)
+    final_state_failures = _failed_after(state, files, todo, failed_files, discover_failures)
     elapsed = time.monotonic() - started
     summary = Summary(
         status="interrupted" if interrupted else ("partial" if final_state_failures else "complete"),
@@ -299,9 +319,13 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
         pending=max(0, len(todo) - done_now), seconds=round(elapsed, 3),
         clips_per_second=round(counts["extracted"] / elapsed, 3) if elapsed else 0.0,
         shards=[p.name for p in committed])
-    _write_part_marker(out, slot, summary,
-                       [os.path.abspath(p) for p in inputs] + ([os.path.abspath(files_from)]
-                                                               if files_from not in (None, "-") else []))
+    try:
+        _write_part_marker(out, slot, summary,
+                           [os.path.abspath(p) for p in inputs]
+                           + ([os.path.abspath(files_from)] if files_from not in (None, "-") else []))
+    except OSError as exc:  # the shards are committed; only `fusefeat info`'s counts suffer
+        log(f"warning: cannot write {out / 'parts'} ({exc.strerror or exc}); the features are "
+            "committed, but `fusefeat info` will not know this run's pending count")
     return summary
 
 
@@ -357,12 +381,16 @@ def _changed(source: str, size: int, mtime_ns: int) -> bool:
     return st.st_size != size or st.st_mtime_ns != mtime_ns
 
 
-def _failed_after(state, todo, failed_files, new_discover_failures) -> int:
-    """Files whose latest record is a failure once this run's records are in."""
-    retried = {todo[i].key for i in range(len(todo))}
-    still = {k for k in state.failures if k not in retried}
+def _failed_after(state, files, todo, failed_files, discover_failures) -> int:
+    """This run's inputs whose latest record is a failure once this run's records are in.
+
+    Records of files that are not among this run's inputs (another input directory written
+    into the same --out, a file since removed) do not count towards this run's exit code."""
+    inputs = {f.key for f in files} | {f.path for f in discover_failures}
+    retried = {f.key for f in todo}
+    still = {k for k in state.failures if k in inputs and k not in retried}
     still |= {todo[i].key for i in failed_files}
-    still |= {f.path for f in new_discover_failures}
+    still |= {f.path for f in discover_failures}
     return len(still)
 
 
@@ -370,11 +398,7 @@ def _shard_attrs(preset, backbone, taps, table, schema, manifest, fields, option
     import torch
     import torchaudio
 
-    try:
-        import transformers
-        transformers_version = transformers.__version__
-    except ImportError:  # pragma: no cover
-        transformers_version = ""
+    transformers_version = _installed_version("transformers")
     config = {k: v for k, v in asdict(options).items() if k not in ("progress",)}
     return {
         "model": preset.name,
@@ -398,6 +422,16 @@ def _shard_attrs(preset, backbone, taps, table, schema, manifest, fields, option
         "part": f"{slot.part}/{slot.parts}",
         "flag_bits": json.dumps({"1": "padded", "2": "silent", "4": "truncated", "8": "clipped"}),
     }
+
+
+def _installed_version(distribution: str) -> str:
+    """A package's version without importing it (importing transformers takes seconds)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:  # pragma: no cover
+        return ""
 
 
 def _write_part_marker(out: Path, slot, summary: Summary, inputs: list) -> None:

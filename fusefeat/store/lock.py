@@ -30,7 +30,11 @@ class SlotLock:
         self.exclusive = False  # True when the lock really is held
 
     def acquire(self) -> "SlotLock":
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot create {self.path}: {exc.strerror}",
+                              hint="choose a writable --out with free space") from None
         if fcntl is None:
             return self
         try:
