@@ -87,7 +87,13 @@ def _worker_main(worker_id, tasks, results, credits, per_worker, geometry, clip_
     parent = mp.parent_process()
 
     def orphaned() -> bool:  # the main process was killed (SIGKILL): do not linger
-        return parent is not None and not parent.is_alive()
+        if parent is not None and not parent.is_alive():
+            # Nobody reads `results` any more. Without this, exiting would wait forever for the
+            # queue's feeder thread to push what is buffered into a full pipe (this process
+            # holds its read end too), and keep the dead run's stdout and stderr open.
+            results.cancel_join_thread()
+            return True
+        return False
 
     while True:
         try:
