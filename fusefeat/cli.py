@@ -83,7 +83,8 @@ def main():
 @click.option("--files-from", type=click.Path(allow_dash=True),
               help="Read input paths from FILE, one per line ('-' for stdin).")
 @click.option("--null", "-0", "null_separated", is_flag=True,
-              help="With --files-from: paths are NUL-separated (find -print0).")
+              help="With --files-from: paths are NUL-separated (find -print0), the only way to "
+              "list names that hold newlines.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", "-b", default=16, show_default=True, type=int,
               help="Clips (or windows) per batch at most.")
@@ -207,7 +208,8 @@ def _hop_samples(preset) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_friendly
 def info(directory, as_json):
-    """Summarise an output directory: files committed, failed (by reason), pending, changed."""
+    """Summarise an output directory: files committed, failed (grouped by stage and type, with
+    examples and messages; --json lists every failure), flagged, pending, changed."""
     from fusefeat.store.info import describe, render
 
     report = describe(directory)

@@ -748,6 +748,18 @@ def test_output_directory_not_writable(tmp_path, weights, how):
     assert after == before
 
 
+def test_help_documents_exit_codes():
+    from click.testing import CliRunner
+
+    from fusefeat.cli import main
+
+    text = " ".join(CliRunner().invoke(main, ["extract", "--help"]).output.split())
+    for words in ("0 all files done", "1 fatal error", "disk full", "2 bad arguments",
+                  "3 completed but some files failed", "--retry-failed", "fusefeat info DIR",
+                  "75 interrupted, resumable"):
+        assert words in text, words
+
+
 def _truncated_copy(source: Path, target: Path) -> Path:
     with open(source, "rb") as handle:
         target.write_bytes(handle.read(8 << 20))  # the first 8 MiB of a 275 MiB zip archive
@@ -1115,3 +1127,60 @@ def test_one_hour_file(hour_files, weights, tmp_path):
     assert rel(vector, np.asarray(feats.embeddings[pattern_row])) < 1e-5
     feats.close()
     assert peak - base_peak < HOUR_BYTES_FLOAT32 / 2, (peak, base_peak)
+
+
+ORPHAN = r"""
+import sys, time
+from fusefeat.loader import DecodePool, DecodeTask
+from fusefeat.windows import Geometry
+
+geometry = Geometry(sample_rate=16000, window=62 * 15360, align=15360, context=0, lookahead=240,
+                    min_samples=15600)
+tasks = [DecodeTask(i, str(i), sys.argv[1]) for i in range(200)]
+for message in DecodePool(tasks, geometry, workers=1):
+    print("first", flush=True)
+    time.sleep(600)  # never takes more: the worker fills its credits and the pipe, then waits
+"""
+
+
+def test_killed_run_leaves_no_decoder_behind(tmp_path):
+    """SIGKILL of the main process while its decode worker has more queued for it than a pipe
+    holds: the orphaned worker must still exit (before, it waited forever to write into the pipe
+    nobody reads, and kept the caller's stdout open)."""
+    clip = write(tmp_path / "clip.wav", wav_bytes(tone(2.0)))  # 128 KB decoded: 2 pipes' worth
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN, str(clip)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "first", proc.stderr.read()
+    time.sleep(1.0)  # the worker decodes ahead up to its credits
+    workers = _descendants(proc.pid)
+    assert workers
+    proc.kill()
+    try:
+        proc.communicate(timeout=30)  # returns once every holder of its stdout (workers) is gone
+    except subprocess.TimeoutExpired:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.communicate()
+        pytest.fail("an orphaned decode worker did not exit")
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as handle:
+                    children.setdefault(int(handle.read().rsplit(")", 1)[1].split()[1]),
+                                        []).append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    found, stack = [], list(children.get(pid, []))
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        stack += children.get(current, [])
+    return found
