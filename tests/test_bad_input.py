@@ -13,7 +13,6 @@ argument and weights errors, a file deleted after discovery, a one-hour file) ru
 from __future__ import annotations
 
 import ctypes
-import errno
 import functools
 import io
 import json

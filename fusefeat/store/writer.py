@@ -189,8 +189,12 @@ class ShardWriter:
             dims = [s.dim, *s.layer_dims.values(), s.baseline_dim or 0, s.frames_dim or 0]
             margin += sum(chunk_rows(d) * d * 4 for d in dims if d)
         needed = new_bytes + margin
-        stats = os.statvfs(self.directory)
-        if stats.f_bavail * stats.f_frsize < needed:
+        try:
+            stats = os.statvfs(self.directory)
+        except OSError:
+            stats = None
+        # f_blocks 0: a file system that reports no sizes (some FUSE mounts): nothing to check
+        if stats is not None and stats.f_blocks and stats.f_bavail * stats.f_frsize < needed:
             raise _NoRoom(errno.ENOSPC, os.strerror(errno.ENOSPC))
         soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else -1
         if soft not in (-1, getattr(resource, "RLIM_INFINITY", -1)):
