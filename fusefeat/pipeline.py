@@ -398,7 +398,11 @@ def _shard_attrs(preset, backbone, taps, table, schema, manifest, fields, option
     import torch
     import torchaudio
 
-    transformers_version = _installed_version("transformers")
+    try:
+        import transformers
+        transformers_version = transformers.__version__
+    except ImportError:  # pragma: no cover
+        transformers_version = ""
     config = {k: v for k, v in asdict(options).items() if k not in ("progress",)}
     return {
         "model": preset.name,
@@ -422,16 +426,6 @@ def _shard_attrs(preset, backbone, taps, table, schema, manifest, fields, option
         "part": f"{slot.part}/{slot.parts}",
         "flag_bits": json.dumps({"1": "padded", "2": "silent", "4": "truncated", "8": "clipped"}),
     }
-
-
-def _installed_version(distribution: str) -> str:
-    """A package's version without importing it (importing transformers takes seconds)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:  # pragma: no cover
-        return ""
 
 
 def _write_part_marker(out: Path, slot, summary: Summary, inputs: list) -> None:

@@ -347,10 +347,12 @@ def runs(tmp_path_factory, weights):
     args = [*model_args, "--shard-size", "7"]
 
     # clean: the good files alone, listed NUL-separated on stdin (names hold newlines and bytes
-    # that are not UTF-8: `find -print0` style is the only way to list them)
+    # that are not UTF-8: `find -print0` style is the only way to list them), with stdin decoded
+    # strictly as in a desktop UTF-8 locale (en_US.UTF-8: the list is read as bytes regardless)
     names = sorted(os.fsencode(p.relative_to(clean)) for p in clean.rglob("*") if p.is_file())
     clean_result = cli("extract", "--files-from", "-", "--null", *args, "-o", root / "clean_out",
-                       cwd=clean, stdin=b"\0".join(names) + b"\0")
+                       cwd=clean, stdin=b"\0".join(names) + b"\0",
+                       env={"PYTHONIOENCODING": "utf-8:strict"})
     assert clean_result.returncode == 0, clean_result.stderr
 
     before = snapshot(root, skip=root / "mixed_out")
