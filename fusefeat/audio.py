@@ -45,6 +45,12 @@ class AudioInfo:
         return self.frames / self.sample_rate if self.sample_rate else 0.0
 
 
+def _native(path: str):
+    """The path as libsndfile must get it: soundfile encodes str paths strictly as UTF-8, which
+    fails for names that are not UTF-8 (they arrive as surrogate escapes); bytes always work."""
+    return os.fsencode(path) if os.name == "posix" else path
+
+
 def probe(path: str) -> AudioInfo:
     """Open the file once: existence, size, format, length. Raises AudioError."""
     try:
@@ -68,11 +74,13 @@ def probe(path: str) -> AudioInfo:
     if not os.access(path, os.R_OK):
         raise AudioError("permission denied: cannot read this file", kind="PermissionDenied")
     try:
-        info = sf.info(path)
+        info = sf.info(_native(path))
     except sf.LibsndfileError as exc:
-        raise AudioError(_unreadable_message(path, exc), kind="UnreadableAudio") from None
+        kind, message = _unreadable(path, exc.error_string or str(exc))
+        raise AudioError(message, kind=kind) from None
     except (RuntimeError, TypeError, ValueError) as exc:  # soundfile wraps some errors oddly
-        raise AudioError(f"not a readable audio file: {exc}", kind="UnreadableAudio") from None
+        kind, message = _unreadable(path, str(exc))
+        raise AudioError(message, kind=kind) from None
     if info.samplerate <= 0:
         raise AudioError(f"invalid sample rate {info.samplerate} Hz in the header",
                          kind="BadHeader")
@@ -84,22 +92,51 @@ def probe(path: str) -> AudioInfo:
 
 
 def read_mono(path: str, start: int, stop: int) -> np.ndarray:
-    """Samples [start, stop) averaged over channels, float32. Raises AudioError."""
+    """Samples [start, stop) averaged over channels, float32. Raises AudioError.
+
+    Many-channel files are read in blocks, so reading never holds more than the mono result
+    plus one block (an 8-channel 192 kHz window would otherwise need 8 times the memory)."""
     try:
-        with sf.SoundFile(path) as handle:
+        with sf.SoundFile(_native(path)) as handle:
             if start:
                 handle.seek(start)
-            data = handle.read(stop - start, dtype="float32", always_2d=True)
+            mono = _read_mono_blocks(handle, stop - start)
     except sf.LibsndfileError as exc:
-        raise AudioError(f"decoding failed: {exc.error_string}", kind="DecodeError") from None
+        raise _read_failure(path, exc.error_string or str(exc)) from None
     except (RuntimeError, ValueError, OSError) as exc:
-        raise AudioError(f"decoding failed: {exc}", kind="DecodeError") from None
-    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+        raise _read_failure(path, str(exc)) from None
     if not np.isfinite(mono).all():
-        bad = int((~np.isfinite(mono)).sum())
-        raise AudioError(f"contains {bad} non-finite samples (NaN or Inf); fusefeat does not "
-                         "guess replacement values: repair the file", kind="NonFiniteSamples")
+        nan = int(np.isnan(mono).sum())
+        inf = int(np.isinf(mono).sum())
+        raise AudioError(f"contains non-finite samples ({nan} NaN, {inf} infinite, from sample "
+                         f"{start + int(np.argmin(np.isfinite(mono)))}); fusefeat does not guess "
+                         "replacement values: repair the file", kind="NonFiniteSamples")
     return np.ascontiguousarray(mono)
+
+
+READ_BLOCK_SAMPLES = 1 << 20  # samples (all channels) per read of a many-channel file
+
+
+def _read_mono_blocks(handle: sf.SoundFile, frames: int) -> np.ndarray:
+    if handle.channels == 1:
+        return handle.read(frames, dtype="float32", always_2d=True)[:, 0]
+    mono = np.empty(max(0, frames), dtype=np.float32)
+    block = max(1, READ_BLOCK_SAMPLES // handle.channels)
+    done = 0
+    while done < frames:
+        data = handle.read(min(block, frames - done), dtype="float32", always_2d=True)
+        if not len(data):
+            break  # the file ended early (truncated): keep what is there
+        mono[done:done + len(data)] = data.mean(axis=1, dtype=np.float32)
+        done += len(data)
+    return mono[:done]
+
+
+def _read_failure(path: str, reason: str) -> AudioError:
+    if not os.path.lexists(path):
+        return AudioError("file not found: it was deleted or moved while fusefeat was reading it",
+                          kind="FileNotFound")
+    return AudioError(f"decoding failed: {reason}", kind="DecodeError")
 
 
 def content_flags(mono: np.ndarray) -> int:
@@ -111,17 +148,61 @@ def content_flags(mono: np.ndarray) -> int:
     return flags
 
 
-def _unreadable_message(path: str, exc: sf.LibsndfileError) -> str:
-    reason = exc.error_string or str(exc)
+# WAV format tags libsndfile decodes (WAVE_FORMAT_EXTENSIBLE is resolved to its sub-format).
+_WAV_TAGS_DECODED = {0x0001, 0x0002, 0x0003, 0x0006, 0x0007, 0x0011, 0x0031, 0x0040}
+_WAV_TAG_NAMES = {0x0050: "MPEG-1 Layer 1/2", 0x0055: "MPEG Layer 3 (MP3)", 0x00FF: "AAC",
+                  0x0160: "WMA v1", 0x0161: "WMA", 0x0162: "WMA Pro", 0x0163: "WMA Lossless",
+                  0x1610: "HE-AAC", 0x2000: "AC-3", 0x2001: "DTS", 0x0022: "TrueSpeech",
+                  0x0092: "Dolby AC-3 SPDIF", 0xF1AC: "FLAC", 0x674F: "Vorbis", 0x704F: "Opus"}
+
+
+def _unreadable(path: str, reason: str) -> tuple[str, str]:
+    """(kind, message) for a file libsndfile cannot open: what it looks like, in words."""
+    reason = reason.strip() or "unknown reason"
     try:
         with open(path, "rb") as handle:
-            head = handle.read(16)
+            head = handle.read(4096)
+            size = os.fstat(handle.fileno()).st_size
     except OSError:
-        head = b""
+        head, size = b"", 0
     guess = _guess_format(head)
     if guess:
-        return f"not audio: the content looks like {guess} ({reason})"
-    return f"not a readable audio file ({reason}); supported: {', '.join(sorted(sf.available_formats()))}"
+        return "NotAudio", f"not audio: the content looks like {guess} (libsndfile: {reason})"
+    if head[:4] in (b"RIFF", b"RIFX") and head[8:12] == b"WAVE":
+        tag = _wav_format_tag(head)
+        if tag is not None and tag not in _WAV_TAGS_DECODED:
+            name = _WAV_TAG_NAMES.get(tag, "unknown codec")
+            return "UnsupportedCodec", (
+                f"unsupported codec: this WAV file holds audio in format 0x{tag:04X} ({name}), "
+                f"which libsndfile cannot decode; convert it to PCM or FLAC first, e.g. "
+                f"ffmpeg -i IN -c:a pcm_s16le OUT.wav (libsndfile: {reason})")
+        declared = int.from_bytes(head[4:8], "little") + 8 if len(head) >= 8 else 0
+        if len(head) < 12 or declared > size:
+            return "TruncatedFile", (
+                f"truncated file: it holds {size} bytes, its RIFF header declares {declared}; "
+                f"the header is incomplete (libsndfile: {reason})")
+        return "DamagedHeader", f"damaged WAV header (libsndfile: {reason})"
+    formats = ", ".join(sorted(sf.available_formats()))
+    return "UnreadableAudio", (f"not a readable audio file (libsndfile: {reason}); readable "
+                               f"formats: {formats}")
+
+
+def _wav_format_tag(head: bytes) -> int | None:
+    """The codec tag of a RIFF/WAVE file's fmt chunk, from its first bytes (None if absent)."""
+    offset = 12
+    while offset + 8 <= len(head):
+        chunk_id = head[offset:offset + 4]
+        chunk_size = int.from_bytes(head[offset + 4:offset + 8], "little")
+        if chunk_id == b"fmt ":
+            body = head[offset + 8:offset + 8 + chunk_size]
+            if len(body) < 2:
+                return None
+            tag = int.from_bytes(body[:2], "little")
+            if tag == 0xFFFE and len(body) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the sub-format GUID
+                tag = int.from_bytes(body[24:26], "little")
+            return tag
+        offset += 8 + chunk_size + (chunk_size & 1)
+    return None
 
 
 def _guess_format(head: bytes) -> str | None:

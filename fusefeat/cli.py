@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
 
 from fusefeat import __version__
-from fusefeat.errors import EXIT_CODES_HELP, FusefeatError
+from fusefeat.errors import EXIT_CODES_HELP, FusefeatError, WriteError
 
 MODELS_HELP = "vggish, cnn14, ast, yamnet, or hf:ID_OR_PATH (any Hugging Face audio encoder)"
 
@@ -29,6 +30,14 @@ def _friendly(func):
             click.echo(f"fusefeat: error: {exc.message}", err=True)
             if exc.hint:
                 click.echo(f"  hint: {exc.hint}", err=True)
+            if isinstance(exc, WriteError) and exc.hdf5_failed:
+                # A write that failed inside HDF5 (fusefeat checks for room first, but an I/O
+                # error or a quota can still strike) leaves HDF5 objects that can crash the
+                # interpreter at exit and turn exit code 1 into a segfault. Committed shards are
+                # durable and the open one is removed: end the process here.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(exc.exit_code)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("fusefeat: interrupted", err=True)
@@ -74,7 +83,8 @@ def main():
 @click.option("--files-from", type=click.Path(allow_dash=True),
               help="Read input paths from FILE, one per line ('-' for stdin).")
 @click.option("--null", "-0", "null_separated", is_flag=True,
-              help="With --files-from: paths are NUL-separated (find -print0).")
+              help="With --files-from: paths are NUL-separated (find -print0), the only way to "
+              "list names that hold newlines.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--devices", help="Several devices, one worker process each, e.g. cuda:0,cuda:1 "
               "(or all: every visible GPU). Overrides --device.")
@@ -228,7 +238,8 @@ def _hop_samples(preset) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_friendly
 def info(directory, as_json):
-    """Summarise an output directory: files committed, failed (by reason), pending, changed."""
+    """Summarise an output directory: files committed, failed (grouped by stage and type, with
+    examples and messages; --json lists every failure), flagged, pending, changed."""
     from fusefeat.store.info import describe, render
 
     report = describe(directory)

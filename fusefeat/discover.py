@@ -9,7 +9,9 @@ on the file system. Keys are what the output stores in `path` and what resume ma
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
 import sys
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ class InputFile(NamedTuple):  # a tuple: a million of them are made fast and kep
 class Discovery:
     files: list[InputFile] = field(default_factory=list)
     failures: list[FileFailure] = field(default_factory=list)
+    skipped: int = 0  # files passed over while walking: no audio extension
 
 
 _UTF8_NAMES = sys.getfilesystemencoding().lower().replace("-", "") == "utf8"
@@ -80,7 +83,7 @@ def _discover(inputs, files_from, stdin, null_separated, part) -> Discovery:
 
     for item in inputs:
         if os.path.isdir(item):
-            for key, source in _walk(item, found.failures):
+            for key, source in _walk(item, found):
                 add(key, source, item)
         elif os.path.lexists(item):
             add(printable_key(os.path.normpath(item)), item, item)
@@ -94,8 +97,9 @@ def _discover(inputs, files_from, stdin, null_separated, part) -> Discovery:
     return found
 
 
-def _walk(root: str, failures: list[FileFailure]) -> Iterable[tuple[str, str]]:
+def _walk(root: str, found: Discovery) -> Iterable[tuple[str, str]]:
     visited: set[tuple[int, int]] = set()
+    failures = found.failures
 
     def on_error(exc: OSError) -> None:
         name = printable_key(os.path.relpath(exc.filename, root)) if exc.filename else root
@@ -114,20 +118,36 @@ def _walk(root: str, failures: list[FileFailure]) -> Iterable[tuple[str, str]]:
         subdirs.sort()
         for name in files:
             if os.path.splitext(name)[1].lower() not in AUDIO_EXTENSIONS:
+                found.skipped += 1
                 continue
             source = os.path.join(directory, name)
             key = printable_key(os.path.relpath(source, root)).replace(os.sep, "/")
-            if os.path.islink(source) and not os.path.exists(source):
-                failures.append(FileFailure(key, "discover", "BrokenSymlink",
-                                            "broken symbolic link (its target does not exist)"))
-                continue
+            if os.path.islink(source):
+                try:
+                    os.stat(source)
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        failures.append(FileFailure(key, "discover", "SymlinkLoop",
+                                                    "symbolic link loop (the link leads back to "
+                                                    "itself, never to a file)"))
+                    else:
+                        failures.append(FileFailure(key, "discover", "BrokenSymlink",
+                                                    "broken symbolic link (its target does not "
+                                                    "exist)"))
+                    continue
             yield key, source
 
 
 def _read_list(files_from: str, stdin: IO[str] | None, null_separated: bool) -> Iterator[str]:
     """The entries of a list, streamed (blank ones skipped)."""
     if files_from == "-":
-        yield from _entries(stdin if stdin is not None else sys.stdin, null_separated)
+        stream = stdin if stdin is not None else sys.stdin
+        raw = getattr(stream, "buffer", None)
+        if raw is not None:  # bytes decoded like file names (non-UTF-8 names survive as
+            # surrogate escapes), not with the locale's strict text codec
+            stream = io.TextIOWrapper(raw, encoding=sys.getfilesystemencoding(),
+                                      errors="surrogateescape", newline="\n")
+        yield from _entries(stream, null_separated)
         return
     try:  # lines end at \n only (a \r before it is dropped): names may hold any other byte
         handle = open(files_from, encoding="utf-8", errors="surrogateescape", newline="\n")

@@ -15,8 +15,13 @@ EXIT_PARTIAL = 3  # the run completed, some files failed (see errors in the outp
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal, committed work kept; run again to resume
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 all files done; 1 fatal error (weights, output directory, ...); "
-    "2 bad arguments; 3 completed but some files failed (listed by `fusefeat info`); "
+    "Exit codes: 0 all files done (also when there were none: a warning says so); "
+    "1 fatal error (weights missing or unreadable, output directory not writable, disk full "
+    "or file size limit: committed work is kept, run the same command again); "
+    "2 bad arguments (unknown model, malformed --layers, ...); "
+    "3 completed but some files failed: each has a record (path, stage, type, message) in the "
+    "output directory, counted in the JSON summary, listed by `fusefeat info DIR`, tried again "
+    "with --retry-failed; "
     "75 interrupted, resumable: run the same command again."
 )
 
@@ -50,6 +55,14 @@ class WeightsError(FusefeatError):
 
 class OutputError(FusefeatError):
     """The output directory cannot be used (not writable, other fingerprint, locked)."""
+
+
+class WriteError(OutputError):
+    """Writing into the output directory failed mid-run (disk full, quota, file size limit, I/O
+    error). Fatal: what was committed before stays valid; the same command resumes."""
+
+    stage = "write"
+    hdf5_failed = False  # the failure happened inside HDF5 (not refused before it)
 
 
 class AudioError(Exception):

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import IO, Optional, Sequence
 
 from fusefeat import __version__
-from fusefeat.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, FileFailure, UsageError)
+from fusefeat.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, FileFailure, UsageError,
+                             WriteError)
 
 DEFAULT_OUT = "fusefeat_out"
 
@@ -170,13 +171,14 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
     worker, already discovered by its parent; `stop_signals` the signals it stops on."""
     import torch
 
+    from fusefeat.audio import AUDIO_EXTENSIONS
     from fusefeat.assemble import Assembler
     from fusefeat.batching import Batcher
     from fusefeat.loader import DecodePool, DecodeTask, Failed, Tick
     from fusefeat.runner import Runner
     from fusefeat.store import layout
     from fusefeat.store.lock import SlotLock
-    from fusefeat.store.manifest import prepare_output
+    from fusefeat.store.manifest import check_output, prepare_output
     from fusefeat.store.scan import scan
     from fusefeat.store.writer import BackgroundWriter, Schema, ShardWriter
     from fusefeat.windows import Geometry
@@ -202,12 +204,17 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
         raise UsageError(f"--precision {options.precision} needs a CUDA device",
                          hint="on the CPU fusefeat computes in fp32")
 
+    check_output(Path(options.out))  # before the weights load: fail in a second
     part, parts = options.shard or (0, 1)
     if selection is None:
         files, discover_failures = discover_part(inputs, part, parts, files_from=files_from,
                                                  stdin=stdin, null_separated=null_separated)
     else:
         files, discover_failures = selection
+    if not files and not discover_failures:
+        where = ", ".join(list(inputs) + ([f"--files-from {files_from}"] if files_from else []))
+        log(f"warning: no audio files found in {where} (the extensions read: "
+            f"{', '.join(sorted(AUDIO_EXTENSIONS))}); nothing to do")
 
     backbone = cls.build(preset, weights=options.weights).to(device).eval()
     window_seconds = options.window_seconds or preset.window_seconds
@@ -329,10 +336,21 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
                 finish(inflight)  # what was computed is kept, also when stopping
                 inflight.clear()
                 interrupted = interrupted or stop.stopped
+                committed = writer.close(commit=True)
+            except WriteError as exc:
+                writer.close(commit=False, raise_errors=False)
+                done = writer.writer.committed_records
+                exc.hint = (f"{exc.hint} ({done} file record(s) committed before the failure)"
+                            if exc.hint else None)
+                raise
+            except BaseException:
+                # a bug, or an immediate second signal: drop the open shard (its files stay
+                # pending), keep every committed one, and let the error show
+                writer.close(commit=False, raise_errors=False)
+                raise
             finally:
                 pool.close()
                 progress.close()
-            committed = writer.close(commit=True)
         loop_seconds = time.monotonic() - loop_started
         done_now = counts["extracted"] + counts["failed"] - len(new_discover_failures)
         final_state_failures = _failed_after(state, files, discover_failures, todo, failed_files,
@@ -347,7 +365,11 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
             loop_seconds=round(loop_seconds, 3),
             clips_per_second=round(counts["extracted"] / loop_seconds, 3) if loop_seconds else 0.0,
             shards=[p.name for p in committed])
-        write_part_marker(out, slot, asdict(summary), marker_inputs)
+        try:
+            write_part_marker(out, slot, asdict(summary), marker_inputs)
+        except OSError as exc:  # the shards are committed; only `info`/`status` counts suffer
+            log(f"warning: cannot write {out / 'parts'} ({exc.strerror or exc}); the features "
+                "are committed, but `fusefeat info` and `status` will not know this run's counts")
     except Exception as exc:
         try:  # `fusefeat status` reports this part as failed (and resubmits it)
             write_part_marker(out, slot, {"status": "error", "files": len(files),
@@ -426,7 +448,7 @@ def _failed_after(state, files, discover_failures, todo, failed_files,
     retried = {f.key for f in todo}
     still = {k for k in state.failures if k in mine and k not in retried}
     still |= {todo[i].key for i in failed_files}
-    still |= {f.path for f in new_discover_failures}
+    still |= {f.path for f in discover_failures}
     return len(still)
 
 

@@ -42,9 +42,13 @@ def describe(directory: str | Path, check_changed: bool = True) -> dict:
         "pending": pending,
         "files_listed": files_listed,
         "failures_by_reason": {reason: {"count": len(keys), "examples": keys[:5],
-                                        "message": failures[keys[0]].message}
+                                        "message": failures[keys[0]].message,
+                                        "messages": dict(Counter(failures[k].message
+                                                                 for k in keys).most_common(5))}
                                for reason, keys in sorted(by_reason.items(),
-                                                          key=lambda kv: -len(kv[1]))},
+                                                          key=lambda kv: (-len(kv[1]), kv[0]))},
+        "failures": [{"path": key, "stage": f.stage, "type": f.error_type, "message": f.message}
+                     for key, f in sorted(failures.items())],
         "flags": flag_counts,
         "changed": changed,
         "shards": len(result.shards),
@@ -121,6 +125,13 @@ def _changed_files(result, markers: dict) -> list[str]:
     return sorted(changed)
 
 
+def ascii_safe(name: str) -> str:
+    """A file name on one line: control characters escaped, the rest as it is."""
+    if name.isprintable():
+        return name
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+
+
 def render(report: dict) -> str:
     lines = [f"{report['directory']}: {report['model']} layers {report['layers']} "
              f"-> {report['dim']}-d",
@@ -132,11 +143,19 @@ def render(report: dict) -> str:
     if report["flags"]:
         lines.append("  flagged rows: " + ", ".join(f"{n} {k}" for k, n in report["flags"].items()))
     if report["failures_by_reason"]:
-        lines.append("  failures by reason:")
+        lines.append("  failures by reason (stage: type):")
+        messages = {f["path"]: f["message"] for f in report.get("failures", [])}
         for reason, entry in report["failures_by_reason"].items():
             lines.append(f"    {entry['count']:>6}  {reason}: {entry['message']}")
             for example in entry["examples"]:
-                lines.append(f"            {example}")
+                own = messages.get(example, entry["message"])
+                # names may hold newlines or undecodable bytes: show them escaped, one per line
+                shown = ascii_safe(example)
+                lines.append(f"            {shown}" if own == entry["message"]
+                             else f"            {shown}: {own}")
+            if entry["count"] > len(entry["examples"]):
+                lines.append(f"            ... and {entry['count'] - len(entry['examples'])} more "
+                             "(all of them: fusefeat info --json)")
     if report["changed"]:
         lines.append(f"  changed since extraction ({len(report['changed'])}; re-extract with "
                      "--refresh-changed):")

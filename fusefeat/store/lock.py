@@ -33,7 +33,11 @@ class SlotLock:
     def acquire(self, patience: float = 2.0) -> "SlotLock":
         """Take the lock; a holder that lets go within `patience` seconds (`fusefeat status`
         probing it, say) is waited for, a real second writer is refused."""
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot create {self.path}: {exc.strerror}",
+                              hint="choose a writable --out with free space") from None
         if fcntl is None:
             return self
         deadline = time.monotonic() + patience

@@ -27,6 +27,23 @@ def read_manifest(directory: Path) -> dict | None:
                           hint="restore it, or start again with --overwrite") from None
 
 
+def check_output(directory: Path) -> None:
+    """Fail fast (before weights are loaded or downloaded) when --out cannot be written: it
+    exists and is not a writable directory, or the directory it would be created in is not."""
+    directory = Path(directory)
+    existing = directory
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot create the output directory {directory}: {existing} is not a "
+                          "directory", hint="choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        message = (f"the output directory {directory} is not writable" if existing == directory
+                   else f"cannot create the output directory {directory}: {existing} is not "
+                        "writable")
+        raise OutputError(message, hint="choose a writable --out, or fix its permissions")
+
+
 def prepare_output(directory: Path, fields: dict[str, Any], overwrite: bool,
                    extra: dict[str, Any] | None = None) -> dict:
     """Create or check the output directory; returns the manifest."""
@@ -54,7 +71,12 @@ def prepare_output(directory: Path, fields: dict[str, Any], overwrite: bool,
                 "fingerprint": fingerprint, "fields": fields,
                 "created_unix": time.time(), **(extra or {})}
     if existing is None or read_manifest(directory) is None:
-        write_json_atomic(directory / layout.MANIFEST, manifest)
+        try:
+            write_json_atomic(directory / layout.MANIFEST, manifest)
+        except OSError as exc:
+            from fusefeat.store.writer import write_error
+
+            raise write_error(directory, exc) from None
         return manifest
     return existing
 

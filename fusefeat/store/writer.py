@@ -9,7 +9,15 @@ at any instant leaves only committed shards, each complete.
 
 from __future__ import annotations
 
+import errno
+import os
 import queue
+import re
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,7 +27,7 @@ from typing import Optional
 import h5py
 import numpy as np
 
-from fusefeat.errors import FileFailure, OutputError
+from fusefeat.errors import FileFailure, WriteError
 from fusefeat.store import faults, layout
 from fusefeat.store.h5 import open_write
 from fusefeat.store.atomic import commit_file
@@ -30,6 +38,30 @@ META_FIELDS = (  # per-row metadata datasets: name, dtype
     ("file_size", np.int64), ("file_mtime_ns", np.int64), ("flags", np.uint8),
 )
 ERROR_FIELDS = ("path", "stage", "type", "message")
+
+
+class _NoRoom(OSError):
+    """A write refused before it started: the disk or the file size limit cannot take it."""
+
+
+def write_error(directory: Path, exc: BaseException) -> WriteError:
+    """A failed write (OSError, or h5py's RuntimeError that carries the errno in its text) as
+    a message for a person: which directory, what the system said, what to do."""
+    number = getattr(exc, "errno", None)
+    if not isinstance(number, int):
+        match = re.search(r"errno = (\d+)", str(exc))
+        number = int(match.group(1)) if match else None
+    reason = os.strerror(number) if number else (str(exc).splitlines()[0] if str(exc) else
+                                                   type(exc).__name__)
+    resume = "the shards committed so far are kept: run the same command again to resume"
+    if number in (errno.ENOSPC, errno.EDQUOT):
+        hint = f"free disk space (or raise your quota) on the file system of {directory}; {resume}"
+    elif number == errno.EFBIG:
+        hint = (f"a file size limit (ulimit -f) stops fusefeat writing a shard: raise it, or "
+                f"lower --shard-size; {resume}")
+    else:
+        hint = f"check that {directory} is writable and the disk is healthy; {resume}"
+    return WriteError(f"cannot write to the output directory {directory}: {reason}", hint=hint)
 
 
 @dataclass
@@ -77,26 +109,114 @@ class ShardWriter:
         self._written_rows = 0
         self._written_errors = 0
         self._frames_written = 0
+        self._committed_records = 0
 
     # ---- public ---------------------------------------------------------------------------
     def add_row(self, row: Row) -> None:
+        self._guarded(self._add_row, row)
+
+    def add_error(self, failure: FileFailure) -> None:
+        self._guarded(self._add_error, failure)
+
+    def commit(self) -> Optional[Path]:
+        """Commit what is open (if anything). Returns the committed shard's path."""
+        return self._guarded(self._commit)
+
+    def _guarded(self, action, *args):
+        """Run a write; a failure becomes a WriteError. The original exception is dropped on
+        purpose: its traceback holds h5py objects of the broken file, which must not outlive
+        abandon() (freed at interpreter exit, after HDF5 itself, they crash the process)."""
+        try:
+            return action(*args)
+        except (OSError, RuntimeError) as exc:
+            error = write_error(self.directory, exc)
+            # refused by _ensure_room: HDF5 never saw a failure. Otherwise it did, and its
+            # leftovers may crash the interpreter at exit (the CLI then leaves at once).
+            error.hdf5_failed = not isinstance(exc, _NoRoom)
+            self._detach()  # before `exc` (and the h5py objects its frames hold) is freed
+        raise error
+
+    def _detach(self) -> None:
+        """Point the broken temporary file's descriptor at /dev/null.
+
+        After a failed write, HDF5 keeps dirty chunks and metadata and retries writing them at
+        every later close or reference drop, each failure reported on stderr, and the leftovers
+        crash the interpreter at exit. The file is thrown away anyway: with its descriptor on
+        /dev/null those writes succeed and HDF5 closes it cleanly; abandon() removes the file."""
+        if self._file is None:
+            return
+        try:
+            fd = self._file.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+        except Exception:  # noqa: BLE001 - not a POSIX file driver: nothing to redirect
+            return
+        try:
+            os.dup2(null, int(fd))
+        except OSError:
+            pass
+        finally:
+            os.close(null)
+
+    def _add_row(self, row: Row) -> None:
         self._ensure_open()
         self._rows.append(row)
         if len(self._rows) >= chunk_rows(self.schema.dim):
             self._flush_rows()
         self._maybe_commit()
 
-    def add_error(self, failure: FileFailure) -> None:
+    def _add_error(self, failure: FileFailure) -> None:
         self._ensure_open()
         self._errors.append(failure)
         self._maybe_commit()
 
-    def commit(self) -> Optional[Path]:
-        """Commit what is open (if anything). Returns the committed shard's path."""
+    @property
+    def committed_records(self) -> int:
+        return self._committed_records
+
+    # ---- room on the disk -------------------------------------------------------------------
+    # HDF5 does not recover from a write that fails inside it (dirty chunks and metadata it can
+    # neither write nor drop; reference counts it cannot decrement; a crash at interpreter exit).
+    # So every write is preceded by a check that the file system and the file size limit can take
+    # it: a full disk or `ulimit -f` is then an ordinary OSError, raised before HDF5 starts.
+    METADATA_MARGIN = 256 << 10  # object headers, B-trees, heaps written with a flush
+
+    def _ensure_room(self, new_bytes: int) -> None:
+        if self._temp is None:
+            return
+        margin = self.METADATA_MARGIN
+        if self._written_rows or self._rows:  # a partly filled chunk per float dataset
+            s = self.schema
+            dims = [s.dim, *s.layer_dims.values(), s.baseline_dim or 0, s.frames_dim or 0]
+            margin += sum(chunk_rows(d) * d * 4 for d in dims if d)
+        needed = new_bytes + margin
+        try:
+            stats = os.statvfs(self.directory)
+        except OSError:
+            stats = None
+        # f_blocks 0: a file system that reports no sizes (some FUSE mounts): nothing to check
+        if stats is not None and stats.f_blocks and stats.f_bavail * stats.f_frsize < needed:
+            raise _NoRoom(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else -1
+        if soft not in (-1, getattr(resource, "RLIM_INFINITY", -1)):
+            try:
+                size = os.path.getsize(self._temp)
+            except OSError:
+                size = 0
+            if size + needed > soft:
+                raise _NoRoom(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    def _row_bytes(self, rows: list[Row]) -> int:
+        s = self.schema
+        per_row = 4 * (s.dim + sum(s.layer_dims.values()) + (s.baseline_dim or 0)) + 64
+        frames = sum(r.frames.size * 4 for r in rows if r.frames is not None)
+        return len(rows) * per_row + frames + sum(len(r.key.encode()) + 16 for r in rows)
+
+    def _commit(self) -> Optional[Path]:
         if self._file is None:
             return None
         self._flush_rows()
         self._flush_errors()
+        self._ensure_room(0)  # the cached chunks and the metadata written by flush and close
         f = self._file
         f.attrs["rows"] = self._written_rows
         f.attrs["errors"] = self._written_errors
@@ -109,17 +229,27 @@ class ShardWriter:
         final = self.directory / layout.shard_name(self.slot, self.run_id, self.seq)
         commit_file(self._temp, final, fault=faults.reach)
         self.committed.append(final)
+        self._committed_records += self._written_rows + self._written_errors
         self._temp = None
         return final
 
     def abandon(self) -> None:
-        """Drop the open shard without committing (its inputs stay pending)."""
+        """Drop the open shard without committing (its inputs stay pending). Never raises: it
+        runs after a failure (a full disk), whose message matters more."""
         if self._file is not None:
-            self._file.close()
+            self._detach()
+            try:
+                self._file.close()
+            except Exception:  # noqa: BLE001 - the file was broken by the first failure
+                pass
             self._file = None
-        if self._temp is not None and self._temp.exists():
-            self._temp.unlink()
+        if self._temp is not None:
+            try:
+                self._temp.unlink(missing_ok=True)
+            except OSError:
+                pass
         self._temp = None
+        self._rows, self._errors = [], []
 
     # ---- internals ------------------------------------------------------------------------
     def _maybe_commit(self) -> None:
@@ -136,8 +266,9 @@ class ShardWriter:
         try:
             f = open_write(self._temp)
         except OSError as exc:
-            raise OutputError(f"cannot create {self._temp}: {exc}",
-                              hint="check that --out is writable and has free space") from None
+            self._temp.unlink(missing_ok=True)
+            raise write_error(self.directory, exc) from None
+        self._file = f  # from here on, abandon() closes and removes it
         for key, value in self.attrs.items():
             f.attrs[key] = str(value) if isinstance(value, str) else value  # plain str: vlen UTF-8
         f.attrs["format"] = layout.FORMAT
@@ -170,6 +301,7 @@ class ShardWriter:
     def _flush_rows(self) -> None:
         if not self._rows or self._file is None:
             return
+        self._ensure_room(self._row_bytes(self._rows))
         f, rows, start = self._file, self._rows, self._written_rows
         stop = start + len(rows)
 
@@ -202,6 +334,8 @@ class ShardWriter:
     def _flush_errors(self) -> None:
         if not self._errors or self._file is None:
             return
+        self._ensure_room(sum(len(e.path.encode()) + len(e.message.encode()) + 64
+                              for e in self._errors))
         start = self._written_errors
         stop = start + len(self._errors)
         for name_, attr in zip(ERROR_FIELDS, ("path", "stage", "error_type", "message")):
@@ -257,7 +391,7 @@ class BackgroundWriter:
         self._raise_if_failed()
         self._queue.put(("error", failure))
 
-    def close(self, commit: bool = True) -> list[Path]:
+    def close(self, commit: bool = True, raise_errors: bool = True) -> list[Path]:
         """Finish writing; commit the open shard (or abandon it) and return committed shards."""
         if commit:
             self._queue.put(("commit", None))
@@ -265,5 +399,6 @@ class BackgroundWriter:
         self._thread.join()
         if not commit or self._error is not None:
             self.writer.abandon()
-        self._raise_if_failed()
+        if raise_errors:
+            self._raise_if_failed()
         return self.writer.committed
