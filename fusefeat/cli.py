@@ -99,7 +99,8 @@ def main():
 @click.option("--window-seconds", type=float,
               help="Window length for clips longer than two windows (default: the preset's).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
-              show_default=True, help="Autocast precision of the network (CUDA only).")
+              show_default=True,
+              help="Autocast precision of the network: fp32, bf16 (CUDA or CPU), fp16 (CUDA).")
 @click.option("--save-layers", is_flag=True, help="Also store each layer's own vector (layers/<n>).")
 @click.option("--baseline", is_flag=True, help="Also store the model's original embedding (baseline).")
 @click.option("--save-frames", is_flag=True, help="Also store the fused frames before pooling.")

@@ -72,7 +72,7 @@ def extract_on_devices(inputs, options, devices: list[str], *, files_from=None, 
     for device in set(devices):
         resolve_device(device)
     part, parts = options.shard or (0, 1)
-    files, failures = discover_part(inputs, part, parts, files_from=files_from, stdin=stdin,
+    files, failures, _ = discover_part(inputs, part, parts, files_from=files_from, stdin=stdin,
                                     null_separated=null_separated)
     out = Path(options.out)
     try:

@@ -200,21 +200,26 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
 
     preset, cls, table, taps = plan_layers(options)
     device = resolve_device(options.device)
-    if options.precision != "fp32" and device.type != "cuda":
-        raise UsageError(f"--precision {options.precision} needs a CUDA device",
-                         hint="on the CPU fusefeat computes in fp32")
+    if options.precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device",
+                         hint="on the CPU use fp32, or bf16 (CPU autocast; fast only where the "
+                              "processor has bf16 units)")
 
     check_output(Path(options.out))  # before the weights load: fail in a second
     part, parts = options.shard or (0, 1)
     if selection is None:
-        files, discover_failures = discover_part(inputs, part, parts, files_from=files_from,
-                                                 stdin=stdin, null_separated=null_separated)
+        files, discover_failures, skipped_names = discover_part(
+            inputs, part, parts, files_from=files_from, stdin=stdin,
+            null_separated=null_separated)
     else:
         files, discover_failures = selection
+        skipped_names = 0
     if not files and not discover_failures:
         where = ", ".join(list(inputs) + ([f"--files-from {files_from}"] if files_from else []))
-        log(f"warning: no audio files found in {where} (the extensions read: "
-            f"{', '.join(sorted(AUDIO_EXTENSIONS))}); nothing to do")
+        log(f"warning: no audio files found in {where}"
+            + (f" ({skipped_names} other file(s) skipped: only these extensions are read: "
+               f"{', '.join(sorted(AUDIO_EXTENSIONS))})" if skipped_names else "")
+            + "; nothing to do")
 
     backbone = cls.build(preset, weights=options.weights).to(device).eval()
     window_seconds = options.window_seconds or preset.window_seconds
@@ -496,7 +501,7 @@ def discover_part(inputs, part: int, parts: int, files_from=None, stdin=None,
     found = disc.discover(inputs, files_from=files_from, stdin=stdin,
                           null_separated=null_separated, part=(part, parts))
     failures = [f for f in found.failures if parts <= 1 or disc.part_of(f.path, parts) == part]
-    return found.files, failures
+    return found.files, failures, found.skipped
 
 
 def _marker_inputs(inputs, files_from) -> list:

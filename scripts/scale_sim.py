@@ -102,7 +102,7 @@ def stage_resume(args) -> dict:
     before = _rss_mb("VmRSS")
     part = 7 % args.parts
     start = time.perf_counter()
-    mine, _ = discover_part([], part, args.parts, files_from=str(args.listing))
+    mine, _, _ = discover_part([], part, args.parts, files_from=str(args.listing))
     listed = time.perf_counter() - start
     state = scan(args.shards_dir, quarantine=False, part=(part, args.parts))
     todo, skipped = _select_todo(mine, state, ExtractOptions(), log=print)
