@@ -64,6 +64,9 @@ def random_checkpoints(tmp_path_factory):
             from fusefeat.backbones.cnn14 import Cnn14
 
             net = Cnn14.build(preset, random_init=True).net
+            with torch.no_grad():  # PANNs initialises BatchNorm to identity: make bn0 tell
+                net.bn0.running_mean.normal_(0.0, 2.0)
+                net.bn0.running_var.uniform_(0.5, 4.0)
             path = root / "Cnn14_16k_random.pth"
             torch.save({"model": net.state_dict()}, path)  # PANNs checkpoint format
         elif model == "vggish":
@@ -78,7 +81,12 @@ def random_checkpoints(tmp_path_factory):
             config = ASTConfig(num_hidden_layers=12, hidden_size=96, num_attention_heads=4,
                                intermediate_size=192, num_labels=527)
             path = root / "ast_random"
-            ASTForAudioClassification(config).eval().save_pretrained(path)  # hub format
+            model = ASTForAudioClassification(config).eval()
+            emb = model.audio_spectrogram_transformer.embeddings
+            with torch.no_grad():  # transformers initialises these to zeros: make them tell
+                for tensor in (emb.position_embeddings, emb.cls_token, emb.distillation_token):
+                    tensor.normal_(0.0, 0.5)
+            model.save_pretrained(path)  # hub format
         else:
             raise KeyError(model)
         made[model] = path
