@@ -69,7 +69,7 @@ def segment_stats(layer: LayerFrames, segments: int) -> PoolStats:
     total = torch.zeros(segments, d, device=frames.device, dtype=frames.dtype)
     total.index_add_(0, layer.owner, row_total)
     peak = torch.full((segments, d), float("-inf"), device=frames.device, dtype=frames.dtype)
-    peak.index_reduce_(0, layer.owner, row_peak, "amax")
+    peak.scatter_reduce_(0, layer.owner[:, None].expand(-1, d), row_peak, reduce="amax")
     count = torch.zeros(segments, device=frames.device, dtype=valid.dtype)
     count.index_add_(0, layer.owner, valid)
     return PoolStats(total, peak, count)

@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from fusefeat import audio
-from fusefeat.errors import AudioError, FileFailure
+from fusefeat.errors import AudioError, FileFailure, FusefeatError
 from fusefeat.windows import Geometry, Piece, plan
 
 
@@ -81,9 +81,12 @@ def _worker_main(worker_id, tasks, results, credits, geometry, clip_samples):
 
 
 class DecodePool:
-    """Iterate over Segments and Failed messages for `tasks` (in no particular order).
+    """Iterate over Segments and Failed messages for `tasks`, in task order.
 
-    At most `prefetch` decoded segments wait between the workers and the consumer."""
+    Workers decode ahead; results are handed out in the order of the tasks (then of the pieces
+    within a file), so batches and vectors do not depend on which worker was faster. Each worker
+    holds at most `prefetch / workers` decoded segments that wait to be handed out; the worker
+    of the file being handed out never waits on another worker, so this cannot deadlock."""
 
     def __init__(self, tasks: Sequence[DecodeTask], geometry: Geometry,
                  clip_samples: Optional[int] = None, workers: int = 2, prefetch: int = 64):
@@ -91,10 +94,11 @@ class DecodePool:
         self.geometry = geometry
         self.clip_samples = clip_samples
         self.workers = workers
-        self.prefetch = max(1, prefetch)
+        self.per_worker = max(2, prefetch // max(1, workers))
         self._context = mp.get_context("spawn")  # never fork a process that holds torch threads
-        self._credits = None
         self._procs: dict[int, mp.Process] = {}
+        self._credits: dict[int, object] = {}
+        self._idle_deaths = 0  # workers that died without a file: a broken environment
 
     def __iter__(self) -> Iterator:
         if self.workers <= 0:
@@ -104,77 +108,101 @@ class DecodePool:
         yield from self._parallel()
 
     def _spawn(self, worker_id: int) -> None:
+        credits = self._context.Semaphore(self.per_worker)
         proc = self._context.Process(
             target=_worker_main, name=f"fusefeat-decode-{worker_id}", daemon=True,
-            args=(worker_id, self._task_queue, self._results, self._credits, self.geometry,
+            args=(worker_id, self._task_queue, self._results, credits, self.geometry,
                   self.clip_samples))
         proc.start()
         self._procs[worker_id] = proc
+        self._credits[worker_id] = credits
 
     def _parallel(self) -> Iterator:
         ctx = self._context
         self._task_queue = ctx.Queue()
         self._results = ctx.Queue()
-        self._credits = ctx.Semaphore(self.prefetch)
+        order = [t.file_index for t in self.tasks]
         by_index = {t.file_index: t for t in self.tasks}
-        pending = iter(self.tasks)
-        outstanding = 0  # tasks handed out and not yet ended
+        buffered: dict[int, list] = {}  # file index -> (worker id, message) not yet handed out
+        ended: set[int] = set()
         busy: dict[int, int] = {}  # worker id -> file index being decoded
+        handed = 0  # tasks put on the queue
+        position = 0  # index in `order` of the file being handed out
         next_id = 0
         for _ in range(self.workers):
             self._spawn(next_id)
             next_id += 1
 
         def feed() -> None:
-            nonlocal outstanding
-            while outstanding < 2 * self.workers:
-                task = next(pending, None)
-                if task is None:
-                    return
-                self._task_queue.put(task)
-                outstanding += 1
+            nonlocal handed
+            while handed < len(order) and handed - position < 2 * self.workers + self.workers:
+                self._task_queue.put(by_index[order[handed]])
+                handed += 1
+
+        def release(worker_id: int, message) -> None:
+            credits = self._credits.get(worker_id)
+            if credits is not None and isinstance(message, Segment):
+                credits.release()
 
         try:
             feed()
-            while outstanding:
+            while position < len(order):
+                current = order[position]
+                # hand out what the current file already has, then move on if it is done
+                while buffered.get(current):
+                    worker_id, message = buffered[current].pop(0)
+                    yield message
+                    release(worker_id, message)
+                if current in ended:
+                    buffered.pop(current, None)
+                    position += 1
+                    feed()
+                    continue
                 try:
                     kind, worker_id, payload = self._results.get(timeout=0.5)
                 except queue.Empty:
-                    for wid, proc in list(self._procs.items()):
-                        if proc.is_alive():
-                            continue
-                        del self._procs[wid]
-                        file_index = busy.pop(wid, None)
-                        if file_index is not None:
-                            outstanding -= 1
-                            task = by_index[file_index]
-                            yield Failed(file_index, FileFailure(
-                                task.key, "decode", "DecoderCrashed",
-                                f"the decoder process died (exit code {proc.exitcode}) while "
-                                "reading this file; the file is probably corrupt"))
-                            self._credits.release()  # the dead worker may have held one
+                    self._replace_dead_workers(busy, buffered, ended, by_index)
+                    if self._idle_deaths > 3 * self.workers:
+                        raise FusefeatError(
+                            "the decoding worker processes keep dying before reading any file",
+                            hint="run with --num-workers 0 to decode in the main process and "
+                                 "see the error")
+                    for _ in range(self.workers - len(self._procs)):
                         self._spawn(next_id)
                         next_id += 1
-                    feed()
                     continue
                 if kind == "begin":
                     busy[worker_id] = payload
                 elif kind == "end":
                     busy.pop(worker_id, None)
-                    outstanding -= 1
-                    feed()
+                    ended.add(payload)
                 else:
-                    yield payload
-                    if isinstance(payload, Segment):  # consumed: the worker may decode another
-                        self._credits.release()
+                    buffered.setdefault(payload.file_index, []).append((worker_id, payload))
         finally:
             self.close()
+
+    def _replace_dead_workers(self, busy, buffered, ended, by_index) -> None:
+        for worker_id, proc in list(self._procs.items()):
+            if proc.is_alive():
+                continue
+            del self._procs[worker_id]
+            self._credits.pop(worker_id, None)
+            file_index = busy.pop(worker_id, None)
+            if file_index is None:
+                self._idle_deaths += 1
+                continue
+            task = by_index[file_index]
+            buffered[file_index] = [(worker_id, Failed(file_index, FileFailure(
+                task.key, "decode", "DecoderCrashed",
+                f"the decoder process died (exit code {proc.exitcode}) while reading this file; "
+                "the file is probably corrupt")))]
+            ended.add(file_index)
 
     def close(self) -> None:
         for _ in self._procs:
             try:
                 self._task_queue.put(None)
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):
                 break
         for proc in self._procs.values():
             proc.join(timeout=1.0)

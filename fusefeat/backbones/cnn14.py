@@ -8,6 +8,8 @@ block 6's rate (T/32, 320 ms), as the official code does.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -15,7 +17,7 @@ from fusefeat.backbones.base import (BASELINE, Backbone, LayerFrames, LayerInfo,
                                      flatten_channels_major, rows_of)
 from fusefeat.backbones.weights import (checkpoint_path, import_module_skipping_package_init,
                                         load_state_dict_strictly, load_torch_checkpoint,
-                                        sha256_file)
+                                        sha256_file, skip_random_init)
 
 CHANNELS = (64, 128, 256, 512, 1024, 2048)
 
@@ -59,10 +61,11 @@ class Cnn14(Backbone):
     def build(cls, preset, weights: str | None = None, random_init: bool = False) -> "Cnn14":
         models = import_module_skipping_package_init("panns_inference", "models")
         fe = preset.frontend
-        network = models.Cnn14(sample_rate=preset.sample_rate, window_size=int(fe["window_size"]),
-                               hop_size=int(fe["hop_size"]), mel_bins=int(fe["mel_bins"]),
-                               fmin=float(fe["fmin"]), fmax=float(fe["fmax"]),
-                               classes_num=int(fe["classes_num"]))
+        with contextlib.nullcontext() if random_init else skip_random_init():
+            network = models.Cnn14(
+                sample_rate=preset.sample_rate, window_size=int(fe["window_size"]),
+                hop_size=int(fe["hop_size"]), mel_bins=int(fe["mel_bins"]), fmin=float(fe["fmin"]),
+                fmax=float(fe["fmax"]), classes_num=int(fe["classes_num"]))
         if random_init:
             return cls(preset, network, "random-init")
         path = checkpoint_path(weights, preset.weights.get("url"), preset.weights.get("filename"),

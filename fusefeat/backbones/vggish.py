@@ -10,6 +10,8 @@ the FC layers of `embeddings` are repeated over those frames; frames of all exam
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fusefeat import frontends
@@ -17,7 +19,7 @@ from fusefeat.backbones.base import (BASELINE, Backbone, LayerFrames, LayerInfo,
                                      flatten_channels_major)
 from fusefeat.backbones.weights import (checkpoint_path, import_module_skipping_package_init,
                                         load_state_dict_strictly, load_torch_checkpoint,
-                                        sha256_file)
+                                        sha256_file, skip_random_init)
 
 # (module path, kind, channels) of the 16 `features` layers then the 6 `embeddings` layers.
 _CONV_PLAN = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M"]
@@ -75,7 +77,8 @@ class VGGish(Backbone):
     @classmethod
     def build(cls, preset, weights: str | None = None, random_init: bool = False) -> "VGGish":
         tv = import_module_skipping_package_init("torchvggish", "torchvggish")
-        network = tv.VGG(tv.make_layers(), postprocess=False)
+        with contextlib.nullcontext() if random_init else skip_random_init():
+            network = tv.VGG(tv.make_layers(), postprocess=False)
         if random_init:
             return cls(preset, network, "random-init")
         path = checkpoint_path(weights, preset.weights.get("url"), preset.weights.get("filename"),

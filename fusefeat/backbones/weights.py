@@ -7,11 +7,11 @@ within seconds with a message naming the URL and `--weights`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import os
-import shutil
 import sys
 import tempfile
 import types
@@ -209,8 +209,19 @@ def _dir_weights_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def copy_into_cache(path: Path, filename: str) -> Path:  # pragma: no cover - convenience
-    target = torch_cache_dir() / filename
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, target)
-    return target
+@contextlib.contextmanager
+def skip_random_init():
+    """Build a network without drawing random weights (a second or more for CNN14): every
+    weight is overwritten by a strict checkpoint load right after."""
+    import torch
+
+    names = ("uniform_", "normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+             "xavier_normal_", "trunc_normal_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fusefeat.audio import FLAG_NAMES
 from fusefeat.store import layout
+from fusefeat.store.h5 import open_read
 from fusefeat.store.manifest import read_manifest
 from fusefeat.store.scan import scan
 
@@ -65,7 +66,7 @@ def _flag_counts(result) -> dict:
         if row >= 0:
             rows_of[shard].append(row)
     for index, rows in rows_of.items():
-        with h5py.File(result.shards[index].path, "r", locking=False) as f:
+        with open_read(result.shards[index].path) as f:
             flags = f["flags"][:][np.array(rows)]
         for bit, name in FLAG_NAMES.items():
             counts[name] += int(np.count_nonzero(flags & bit))

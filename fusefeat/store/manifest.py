@@ -11,6 +11,7 @@ from typing import Any
 
 from fusefeat.errors import OutputError
 from fusefeat.store import layout
+from fusefeat.store.h5 import open_read
 from fusefeat.store.atomic import write_json_atomic
 from fusefeat.store.fingerprint import differences, fingerprint_of
 
@@ -64,7 +65,7 @@ def _manifest_from_shards(directory: Path) -> dict | None:
 
     for shard in layout.committed_shards(directory):
         try:
-            with h5py.File(shard, "r", locking=False) as f:
+            with open_read(shard) as f:
                 return {"fingerprint": f.attrs["fingerprint"],
                         "fields": json.loads(f.attrs["fingerprint_fields"])}
         except (OSError, KeyError, ValueError):

@@ -17,6 +17,7 @@ import numpy as np
 
 from fusefeat.errors import OutputError, UsageError
 from fusefeat.store import layout
+from fusefeat.store.h5 import open_write
 from fusefeat.store.atomic import commit_file
 from fusefeat.store.reader import _features_from_scan
 from fusefeat.store.scan import scan
@@ -40,7 +41,7 @@ def merge(directory: str | Path, output: str | Path, virtual: bool = False) -> d
     temp = output.with_name(layout.TMP_PREFIX + output.name)
     output.parent.mkdir(parents=True, exist_ok=True)
     n, dim = feats.embeddings.shape
-    with h5py.File(temp, "w", locking=False) as f:
+    with open_write(temp) as f:
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["format"] = layout.MERGED_FORMAT
@@ -60,7 +61,7 @@ def merge(directory: str | Path, output: str | Path, virtual: bool = False) -> d
             else:
                 view = _view(feats, name)
                 ds = f.create_dataset(name, (n, width), dtype=np.float32,
-                                      chunks=(chunk_rows(width), width) if n else None)
+                                      chunks=(min(chunk_rows(width), n), width) if n else None)
                 for start in range(0, n, CHUNK):
                     ds[start:start + CHUNK] = view[start:start + CHUNK]
         if feats._frames is not None:

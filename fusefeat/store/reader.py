@@ -19,6 +19,7 @@ import numpy as np
 
 from fusefeat.errors import FileFailure, UsageError
 from fusefeat.store import layout
+from fusefeat.store.h5 import open_read
 from fusefeat.store.scan import Scan, check_shard, scan
 
 
@@ -33,7 +34,7 @@ class _Files:
     def get(self, index: int) -> h5py.File:
         f = self._open.pop(index, None)
         if f is None:
-            f = h5py.File(self.paths[index], "r", locking=False)
+            f = open_read(self.paths[index])
             if len(self._open) >= self.keep_open:
                 _, oldest = self._open.popitem(last=False)
                 oldest.close()
@@ -162,7 +163,7 @@ def _features_from_scan(result: Scan) -> Features:
 
 def _features_from_file(path: Path) -> Features:
     try:
-        f = h5py.File(path, "r", locking=False)
+        f = open_read(path)
     except OSError as exc:
         raise UsageError(f"cannot open {path} as HDF5: {exc}") from None
     with f:

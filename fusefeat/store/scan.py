@@ -20,6 +20,7 @@ import numpy as np
 
 from fusefeat.errors import FileFailure
 from fusefeat.store import layout
+from fusefeat.store.h5 import open_read
 
 
 @dataclass
@@ -77,7 +78,7 @@ def scan(directory: Path, quarantine: bool = True, warn=None) -> Scan:
     newest: dict[str, tuple[int, str]] = {}  # key -> (committed_ns, shard name) of its record
     for path in layout.committed_shards(directory):
         try:
-            with h5py.File(path, "r", locking=False) as f:
+            with open_read(path) as f:
                 problem = check_shard(f)
                 if problem is None:
                     info, keys, sizes, mtimes, failures = _read_index(f, path)

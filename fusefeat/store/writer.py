@@ -21,6 +21,7 @@ import numpy as np
 
 from fusefeat.errors import FileFailure, OutputError
 from fusefeat.store import layout
+from fusefeat.store.h5 import open_write
 from fusefeat.store.atomic import commit_file
 
 STRING = h5py.string_dtype("utf-8")
@@ -132,7 +133,7 @@ class ShardWriter:
         name = layout.shard_name(self.slot, self.run_id, self.seq)
         self._temp = self.directory / (layout.TMP_PREFIX + name)
         try:
-            f = h5py.File(self._temp, "w", locking=False)
+            f = open_write(self._temp)
         except OSError as exc:
             raise OutputError(f"cannot create {self._temp}: {exc}",
                               hint="check that --out is writable and has free space") from None
