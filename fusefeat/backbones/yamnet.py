@@ -22,6 +22,8 @@ vector does not depend on which other blocks are selected. Baseline: YAMNet's 10
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fusefeat import frontends
@@ -29,7 +31,7 @@ from fusefeat.backbones.base import (BASELINE, Backbone, LayerFrames, LayerInfo,
                                      flatten_channels_major)
 from fusefeat.backbones.weights import (checkpoint_path, import_module_skipping_package_init,
                                         load_state_dict_strictly, load_torch_checkpoint,
-                                        sha256_file)
+                                        sha256_file, skip_random_init)
 
 # (stride, output channels) of layer1..layer14, as torch_vggish_yamnet's YAMNet.net_configs.
 BLOCKS = ((2, 32), (1, 64), (2, 128), (1, 128), (2, 256), (1, 256), (2, 512), (1, 512),
@@ -90,15 +92,17 @@ class YAMNet(Backbone):
         return _layer_table(int(fe["patch_frames"]), int(fe["mel_bins"]))
 
     @staticmethod
-    def network() -> torch.nn.Module:
-        """The package's YAMNet with random weights (its yamnet/__init__ imports only the model
-        and its torchaudio-based input module: no network, no files)."""
+    def network(random_init: bool = True) -> torch.nn.Module:
+        """The package's YAMNet (its yamnet/__init__ imports only the model and its
+        torchaudio-based input module: no network, no files), randomly initialised or, with
+        random_init=False, with uninitialised weights that a strict load then overwrites."""
         model = import_module_skipping_package_init("torch_vggish_yamnet", "yamnet.model")
-        return model.YAMNet()
+        with contextlib.nullcontext() if random_init else skip_random_init():
+            return model.YAMNet()
 
     @classmethod
     def build(cls, preset, weights: str | None = None, random_init: bool = False) -> "YAMNet":
-        network = cls.network()
+        network = cls.network(random_init)
         if random_init:
             return cls(preset, network, "random-init")
         path = checkpoint_path(weights, preset.weights.get("url"), preset.weights.get("filename"),
