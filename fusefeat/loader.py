@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import signal
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -68,14 +69,30 @@ def decode(task: DecodeTask, geometry: Geometry, clip_samples: Optional[int]) ->
 
 
 def _worker_main(worker_id, tasks, results, credits, geometry, clip_samples):
+    # Ctrl-C and SLURM's SIGTERM reach the whole process group: the main process decides when
+    # to stop (it commits first), workers must not die under it and look like crashed decoders.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = mp.parent_process()
+
+    def orphaned() -> bool:  # the main process was killed (SIGKILL): do not linger
+        return parent is not None and not parent.is_alive()
+
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if orphaned():
+                return
+            continue
         if task is None:
             return
         results.put(("begin", worker_id, task.file_index))
         for message in decode(task, geometry, clip_samples):
             if isinstance(message, Segment):
-                credits.acquire()
+                while not credits.acquire(timeout=1.0):
+                    if orphaned():
+                        return
             results.put(("item", worker_id, message))
         results.put(("end", worker_id, task.file_index))
 
@@ -207,5 +224,6 @@ class DecodePool:
         for proc in self._procs.values():
             proc.join(timeout=1.0)
             if proc.is_alive():
-                proc.terminate()
+                proc.kill()  # workers ignore SIGTERM
+                proc.join(timeout=1.0)
         self._procs.clear()

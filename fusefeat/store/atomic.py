@@ -29,10 +29,14 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def commit_file(temp: Path, final: Path) -> None:
+def commit_file(temp: Path, final: Path, fault=None) -> None:
     """Make `temp` durable and visible as `final` in one step."""
     fsync_file(temp)
+    if fault:
+        fault("before_rename")
     os.replace(temp, final)
+    if fault:
+        fault("after_rename")
     fsync_directory(final.parent)
 
 

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from fusefeat.errors import FileFailure, OutputError
-from fusefeat.store import layout
+from fusefeat.store import faults, layout
 from fusefeat.store.h5 import open_write
 from fusefeat.store.atomic import commit_file
 
@@ -101,12 +101,13 @@ class ShardWriter:
         f.attrs["rows"] = self._written_rows
         f.attrs["errors"] = self._written_errors
         f.attrs["committed_ns"] = time.time_ns()
+        faults.reach("before_complete")
         f.attrs["complete"] = 1
         f.flush()
         f.close()
         self._file = None
         final = self.directory / layout.shard_name(self.slot, self.run_id, self.seq)
-        commit_file(self._temp, final)
+        commit_file(self._temp, final, fault=faults.reach)
         self.committed.append(final)
         self._temp = None
         return final
@@ -196,6 +197,7 @@ class ShardWriter:
             self._frames_written = total
         self._written_rows = stop
         self._rows = []
+        faults.reach("rows_written")
 
     def _flush_errors(self) -> None:
         if not self._errors or self._file is None:
