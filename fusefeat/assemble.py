@@ -11,12 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from fusefeat import audio
 from fusefeat.backbones.base import BASELINE, Backbone
-from fusefeat.fusion import PoolStats
 from fusefeat.runner import BatchResult
 from fusefeat.store.writer import Row
 
@@ -39,6 +37,7 @@ class Assembler:
         self.baseline, self.save_layers, self.save_frames = baseline, save_layers, save_frames
         self.key_of = key_of
         self.partial: dict[int, _Partial] = {}
+        self.dropped: set[int] = set()  # files recorded as failed: late windows are ignored
 
     def add(self, result: BatchResult) -> list[Row]:
         finished: list[tuple[int, object, int, dict, Optional[torch.Tensor]]] = []
@@ -53,7 +52,7 @@ class Assembler:
         else:
             rows = []
         for i, seg in enumerate(result.segments):
-            if seg.piece.count == 1:
+            if seg.piece.count == 1 or seg.file_index in self.dropped:
                 continue
             acc = self.partial.setdefault(seg.file_index, _Partial(seg.piece.count, info=seg.info))
             one = {tap: s.select([i]) for tap, s in result.stats.items()}
@@ -74,6 +73,7 @@ class Assembler:
     def drop(self, file_index: int) -> None:
         """A window of this file failed: forget what was gathered (the file is recorded failed)."""
         self.partial.pop(file_index, None)
+        self.dropped.add(file_index)
 
     def _finalise(self, finished, stats: dict) -> list[Row]:
         mode = self.backbone.pooling

@@ -13,7 +13,7 @@ import sys
 import click
 
 from fusefeat import __version__
-from fusefeat.errors import EXIT_CODES_HELP, EXIT_FATAL, FusefeatError
+from fusefeat.errors import EXIT_CODES_HELP, FusefeatError
 
 MODELS_HELP = "vggish, cnn14, ast, yamnet, or hf:ID_OR_PATH (any Hugging Face audio encoder)"
 
@@ -218,11 +218,3 @@ def merge(directory, output, virtual):
 
     result = run(directory, output, virtual=virtual)
     click.echo(json.dumps(result, sort_keys=True))
-
-
-def _run():  # pragma: no cover - console entry
-    try:
-        main()
-    except FusefeatError as exc:
-        click.echo(f"fusefeat: error: {exc}", err=True)
-        sys.exit(EXIT_FATAL)

@@ -90,7 +90,7 @@ def hf_preset(repo_or_path: str) -> Preset:
         window_seconds=30.0, weights={"hf_repo": repo_or_path, "revision": "main",
                                       "format": "huggingface"},
         frontend={}, description=f"Hugging Face encoder {repo_or_path}",
-        source=f"builtin:hf",
+        source="builtin:hf",
     )
 
 

@@ -26,10 +26,10 @@ def align(layer: LayerFrames, reference_stride: int) -> LayerFrames:
     if stride < reference_stride:
         k = reference_stride // stride
         frames = F.max_pool1d(layer.frames, kernel_size=k, stride=k)
-        return LayerFrames(frames, reference_stride, layer.owner, layer.valid // k)
+        return LayerFrames(frames, reference_stride, layer.owner, layer.valid // k, layer.dense)
     r = stride // reference_stride
     frames = layer.frames.repeat_interleave(r, dim=-1)
-    return LayerFrames(frames, reference_stride, layer.owner, layer.valid * r)
+    return LayerFrames(frames, reference_stride, layer.owner, layer.valid * r, layer.dense)
 
 
 @dataclass
@@ -56,15 +56,16 @@ def segment_stats(layer: LayerFrames, segments: int) -> PoolStats:
     """Pool the valid frames of each row and gather rows by the segment that owns them."""
     frames, valid = layer.frames, layer.valid
     n, d, t = frames.shape
-    if bool((valid == t).all()):
-        row_total, row_peak = frames.sum(dim=-1), frames.amax(dim=-1) if t else None
+    if t == 0:
+        row_total = frames.new_zeros((n, d))
+        row_peak = frames.new_full((n, d), float("-inf"))
+    elif layer.dense:  # no masking: no device synchronisation either
+        row_total, row_peak = frames.sum(dim=-1), frames.amax(dim=-1)
     else:
         mask = torch.arange(t, device=frames.device)[None, :] < valid[:, None]  # [N, T]
         row_total = (frames * mask[:, None, :]).sum(dim=-1)
         row_peak = frames.masked_fill(~mask[:, None, :], float("-inf")).amax(dim=-1)
-    if row_peak is None:
-        row_peak = torch.full((n, d), float("-inf"), device=frames.device, dtype=frames.dtype)
-    if n == segments and bool((layer.owner == torch.arange(n, device=frames.device)).all()):
+    if layer.dense and n == segments:
         return PoolStats(row_total, row_peak, valid.clone())
     total = torch.zeros(segments, d, device=frames.device, dtype=frames.dtype)
     total.index_add_(0, layer.owner, row_total)

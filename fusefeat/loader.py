@@ -183,7 +183,7 @@ class DecodePool:
                         raise FusefeatError(
                             "the decoding worker processes keep dying before reading any file",
                             hint="run with --num-workers 0 to decode in the main process and "
-                                 "see the error")
+                                 "see the error") from None
                     for _ in range(self.workers - len(self._procs)):
                         self._spawn(next_id)
                         next_id += 1

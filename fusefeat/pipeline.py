@@ -9,6 +9,7 @@ the run after the batch in flight, commit what is complete, and report "interrup
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -66,8 +67,9 @@ class Summary:
     skipped: int  # already committed (or already failed) before this run
     failed_total: int  # files whose latest record is a failure
     pending: int  # still to do (after an interruption)
-    seconds: float
-    clips_per_second: float
+    seconds: float  # the whole call: discovery, model loading, extraction
+    loop_seconds: float  # decoding to last commit (what throughput is measured on)
+    clips_per_second: float  # extracted / loop_seconds
     shards: list = field(default_factory=list)
 
     @property
@@ -151,7 +153,7 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
     from fusefeat.assemble import Assembler
     from fusefeat.batching import Batcher
     from fusefeat.loader import DecodePool, DecodeTask, Failed
-    from fusefeat.runner import PRECISIONS, Runner
+    from fusefeat.runner import Runner
     from fusefeat.store import layout
     from fusefeat.store.lock import SlotLock
     from fusefeat.store.manifest import prepare_output
@@ -244,7 +246,18 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
             counts["failed"] += 1
             progress.update(1)
 
+        inflight: list = []  # results of the last batch, not yet read back from the device
+
+        def finish(results) -> None:
+            for result in results:
+                for row in assembler.add(result):  # reads back from the device (a sync)
+                    writer.put_row(row)
+                    counts["extracted"] += 1
+                    progress.update(1)
+
         def run(batch) -> None:
+            """Queue a batch on the device, then read back the previous one: on CUDA the CPU
+            prepares and assembles while the GPU computes."""
             batch = [s for s in batch if s.file_index not in failed_files]
             if not batch:
                 return
@@ -253,15 +266,14 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
             results, failures = runner.run_safely(batch, keys=lambda i: todo[i].key)
             for file_index, failure in failures:
                 record_failure(file_index, failure)
-            for result in results:
-                for row in assembler.add(result):
-                    writer.put_row(row)
-                    counts["extracted"] += 1
-                    progress.update(1)
+            previous = inflight[:]
+            inflight[:] = results
+            finish(previous)
 
         pool = DecodePool(tasks, geometry, clip_samples, workers=options.num_workers,
                           prefetch=options.prefetch)
         torch.set_grad_enabled(False)
+        loop_started = time.monotonic()
         with _StopFlag() as stop:
             interrupted = False
             try:
@@ -281,11 +293,14 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
                         run(batch)
                         if stop.stopped:
                             break
+                finish(inflight)  # what was computed is kept, also when stopping
+                inflight.clear()
                 interrupted = interrupted or stop.stopped
             finally:
                 pool.close()
                 progress.close()
             committed = writer.close(commit=True)
+        loop_seconds = time.monotonic() - loop_started
     finally:
         lock.release()
     done_now = counts["extracted"] + counts["failed"] - len(new_discover_failures)
@@ -297,7 +312,8 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
         files=len(files), extracted=counts["extracted"], failed=counts["failed"],
         skipped=skipped, failed_total=final_state_failures,
         pending=max(0, len(todo) - done_now), seconds=round(elapsed, 3),
-        clips_per_second=round(counts["extracted"] / elapsed, 3) if elapsed else 0.0,
+        loop_seconds=round(loop_seconds, 3),
+        clips_per_second=round(counts["extracted"] / loop_seconds, 3) if loop_seconds else 0.0,
         shards=[p.name for p in committed])
     _write_part_marker(out, slot, summary,
                        [os.path.abspath(p) for p in inputs] + ([os.path.abspath(files_from)]
@@ -368,13 +384,15 @@ def _failed_after(state, todo, failed_files, new_discover_failures) -> int:
 
 def _shard_attrs(preset, backbone, taps, table, schema, manifest, fields, options, slot) -> dict:
     import torch
-    import torchaudio
 
-    try:
-        import transformers
-        transformers_version = transformers.__version__
-    except ImportError:  # pragma: no cover
-        transformers_version = ""
+    def version(package: str) -> str:  # without importing it (transformers takes seconds)
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return ""
+
+    transformers_version = version("transformers")
+    torchaudio_version = version("torchaudio")
     config = {k: v for k, v in asdict(options).items() if k not in ("progress",)}
     return {
         "model": preset.name,
@@ -388,7 +406,7 @@ def _shard_attrs(preset, backbone, taps, table, schema, manifest, fields, option
         "sample_rate_model": backbone.sample_rate,
         "fusefeat_version": __version__,
         "torch_version": torch.__version__,
-        "torchaudio_version": torchaudio.__version__,
+        "torchaudio_version": torchaudio_version,
         "transformers_version": transformers_version,
         "weights_id": backbone.weights_id,
         "preset": preset.to_json(),

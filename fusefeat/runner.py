@@ -12,13 +12,12 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 from fusefeat import frontends
-from fusefeat.backbones.base import BASELINE, Backbone, SegmentBatch
+from fusefeat.backbones.base import Backbone, SegmentBatch
 from fusefeat.errors import FileFailure
-from fusefeat.fusion import PoolStats, align, fused_frames, segment_stats
+from fusefeat.fusion import align, fused_frames, segment_stats
 from fusefeat.loader import Segment
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,8 +70,9 @@ class Runner:
         for i, row in enumerate(rows):
             wave[i, : row.shape[0]] = row  # shorter than length: the clip ended (zero-padded)
         piece = segments[0].piece
-        return SegmentBatch(wave=wave, lengths=torch.tensor(lengths, device=self.device),
-                            drop_left=piece.drop_left, keep=piece.keep)
+        device_lengths = torch.tensor(lengths, dtype=torch.long, pin_memory=self.pin)
+        return SegmentBatch(wave=wave, lengths=device_lengths.to(self.device, non_blocking=True),
+                            drop_left=piece.drop_left, keep=piece.keep, host_lengths=lengths)
 
     def forward(self, batch: SegmentBatch) -> dict:
         backbone = self.backbone
@@ -111,7 +111,7 @@ class Runner:
         """Results for the segments that worked, and (file index, FileFailure) for the others."""
         try:
             return [self.run(segments)], []
-        except torch.cuda.OutOfMemoryError as exc:
+        except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if len(segments) == 1:
                 return [], [(segments[0].file_index, FileFailure(

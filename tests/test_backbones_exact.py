@@ -66,7 +66,7 @@ def test_vggish_matches_official_code(tmp_path, mixed_dir, random_checkpoints):
     weights = random_checkpoints("vggish")
     out = tmp_path / "out"
     run_cli("extract", mixed_dir, "--model", "vggish", "--weights", weights, "--out", out,
-            "--batch-size", "3", check=0)
+            "--batch-size", "3", "--baseline", check=0)
     import fusefeat
 
     feats = fusefeat.load(out)
@@ -82,6 +82,9 @@ def test_vggish_matches_official_code(tmp_path, mixed_dir, random_checkpoints):
         examples = ref.vggish_examples(wave)  # the official numpy front end
         expected = ref.vggish_clip(net, examples)
         assert ref.relative_error(embeddings[i], expected) <= TOL, key
+        # the baseline: the 128-d output (layer 22), mean + max over examples
+        expected_base = ref.vggish_clip(net, examples, layers=(22,))
+        assert ref.relative_error(feats.baseline[i], expected_base) <= TOL, key
         checked += 1
     assert checked == 6
 

@@ -32,6 +32,3 @@ def create(model: str | None = None, weights: str | None = None, device="cpu",
     backbone = backbone_class(preset).build(preset, weights=weights, random_init=random_init)
     return backbone.to(device)
 
-
-def get(model: str, **kwargs):
-    return create(model, **kwargs)

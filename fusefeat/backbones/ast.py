@@ -114,9 +114,9 @@ class AST(Backbone):
                 normed = net.layernorm(x)
                 vector = ((normed[:, 0] + normed[:, 1]) / 2).unsqueeze(-1)  # [B, D, 1]
                 if number in taps:
-                    out[number] = LayerFrames.whole(vector, 1, owner)
+                    out[number] = LayerFrames.whole(vector, 1, owner, dense=True)
                 if baseline and number == last:
-                    out[BASELINE] = LayerFrames.whole(vector, 1, owner)
+                    out[BASELINE] = LayerFrames.whole(vector, 1, owner, dense=True)
         return out
 
     def to(self, *args, **kwargs):

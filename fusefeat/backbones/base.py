@@ -42,9 +42,14 @@ class SegmentBatch:
     """
 
     wave: torch.Tensor  # [B, L] float32, zero-padded after each row's length
-    lengths: torch.Tensor  # [B] int64, valid samples per row
+    lengths: torch.Tensor  # [B] int64, valid samples per row (on the device)
     drop_left: int = 0  # context samples before the window (frames there are dropped)
     keep: Optional[int] = None  # samples of the window itself; None = to the end of the row
+    host_lengths: Optional[list] = None  # the same lengths on the host (no device sync needed)
+
+    def __post_init__(self):
+        if self.host_lengths is None:
+            self.host_lengths = [int(n) for n in self.lengths.tolist()]
 
 
 @dataclass
@@ -59,11 +64,13 @@ class LayerFrames:
     stride: int
     owner: torch.Tensor
     valid: torch.Tensor
+    dense: bool = False  # row n is segment n and every frame is real (no masking, no gather)
 
     @classmethod
-    def whole(cls, frames: torch.Tensor, stride: int, owner: torch.Tensor) -> "LayerFrames":
-        """Every frame of every row is real."""
-        return cls(frames, stride, owner, torch.full_like(owner, frames.shape[-1]))
+    def whole(cls, frames: torch.Tensor, stride: int, owner: torch.Tensor,
+              dense: bool = False) -> "LayerFrames":
+        """Every frame of every row is real; `dense` when rows are the batch's segments."""
+        return cls(frames, stride, owner, torch.full_like(owner, frames.shape[-1]), dense)
 
 
 BASELINE = "baseline"

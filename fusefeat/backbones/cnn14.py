@@ -91,10 +91,10 @@ class Cnn14(Backbone):
             if block in taps:
                 stride = self.layer(block).time_stride
                 frames = self.crop_window(flatten_channels_major(x), stride, batch)
-                out[block] = LayerFrames.whole(frames, stride, owner)
+                out[block] = LayerFrames.whole(frames, stride, owner, dense=True)
         if baseline:
             frames = self.crop_window(x.mean(dim=3), 32, batch)  # [B, 2048, T/32]
-            out[BASELINE] = LayerFrames.whole(frames, 32, owner)
+            out[BASELINE] = LayerFrames.whole(frames, 32, owner, dense=True)
         return out
 
     def finish_baseline(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -93,14 +93,18 @@ class VGGish(Backbone):
             batch.wave.double(), self.sample_rate, float(fe["window_length_s"]),
             float(fe["hop_length_s"]), int(fe["mel_bins"]), float(fe["fmin"]), float(fe["fmax"]),
             float(fe["log_offset"])).float()  # [B, T, mel]
-        frames = frontends.frame_count(batch.lengths, self.window_length, self.hop_samples)
-        per_row = frames // self.example_frames  # whole examples only, as mel_features.frame
-        most = int(per_row.max()) if per_row.numel() else 0
+        # whole examples only, as mel_features.frame; counted on the host: no device sync
+        per_row = [frontends.frame_count(n, self.window_length, self.hop_samples)
+                    // self.example_frames for n in batch.host_lengths]
+        most = max(per_row, default=0)
         b, _, mel = log_mel.shape
-        examples = log_mel[:, : most * self.example_frames].reshape(b, most, self.example_frames, mel)
-        keep = torch.arange(most, device=per_row.device)[None, :] < per_row[:, None]
-        owner = torch.repeat_interleave(torch.arange(b, device=per_row.device), per_row)
-        return examples[keep].unsqueeze(1), owner  # [N, 1, 96, 64], [N]
+        examples = log_mel[:, : most * self.example_frames].reshape(b * most, self.example_frames, mel)
+        picks = [row * most + e for row, count in enumerate(per_row) for e in range(count)]
+        owners = [row for row, count in enumerate(per_row) for _ in range(count)]
+        device = log_mel.device
+        picks = torch.tensor(picks, dtype=torch.long).to(device, non_blocking=True)
+        owner = torch.tensor(owners, dtype=torch.long).to(device, non_blocking=True)
+        return examples.index_select(0, picks).unsqueeze(1), owner  # [N, 1, 96, 64], [N]
 
     def forward_taps(self, features, taps, baseline, batch):
         x, owner = features

@@ -57,7 +57,6 @@ def describe(directory: str | Path, check_changed: bool = True) -> dict:
 
 
 def _flag_counts(result) -> dict:
-    import h5py
     import numpy as np
 
     counts = Counter()

@@ -61,7 +61,6 @@ def prepare_output(directory: Path, fields: dict[str, Any], overwrite: bool,
 
 def _manifest_from_shards(directory: Path) -> dict | None:
     """A directory whose manifest was lost still has fingerprints in its shards."""
-    import h5py
 
     for shard in layout.committed_shards(directory):
         try:

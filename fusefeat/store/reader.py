@@ -18,7 +18,6 @@ import h5py
 import numpy as np
 
 from fusefeat.errors import FileFailure, UsageError
-from fusefeat.store import layout
 from fusefeat.store.h5 import open_read
 from fusefeat.store.scan import Scan, check_shard, scan
 
