@@ -125,24 +125,31 @@ class YAMNet(Backbone):
             float(fe["log_offset"])).float()
 
     def featurize(self, batch: SegmentBatch):
-        """Waveforms -> (patches [N, 1, 96, 64], owner row [N]), patches in time order per row."""
-        padded = official_padded_length(batch.lengths, self.min_samples, self.patch_hop_samples)
+        """Waveforms -> (patches [N, 1, 96, 64], owner row [N]), patches in time order per row.
+
+        Patch counts come from the host lengths (no device synchronisation)."""
+        padded = [official_padded_length(n, self.min_samples, self.patch_hop_samples)
+                  for n in batch.host_lengths]
         wave = batch.wave
-        width = int(padded.max()) if padded.numel() else self.min_samples
+        width = max(padded, default=self.min_samples)
         if wave.shape[1] < width:  # zeros after every row's end are the official padding
             wave = torch.nn.functional.pad(wave, (0, width - wave.shape[1]))
-        log_mel = self.log_mel(wave)  # [B, T, mel]
-        frames = frontends.frame_count(padded, self.window_length, self.hop_samples)
-        per_row = (frames - self.patch_frames) // self.patch_hop_frames + 1  # >= 1
-        patches = log_mel.unfold(1, self.patch_frames, self.patch_hop_frames)  # [B, P, mel, 96]
-        starts = torch.arange(patches.shape[1], device=wave.device) * self.patch_hop_samples
-        keep = starts[None, :] < (per_row * self.patch_hop_samples)[:, None]  # [B, P]
-        if batch.drop_left or batch.keep is not None:  # a window of a long clip
-            keep &= starts[None, :] >= batch.drop_left
-            if batch.keep is not None:
-                keep &= starts[None, :] < batch.drop_left + batch.keep
-        owner = torch.arange(wave.shape[0], device=wave.device)[:, None].expand_as(keep)[keep]
-        return patches[keep].transpose(1, 2).unsqueeze(1).contiguous(), owner
+        patches = self.log_mel(wave).unfold(1, self.patch_frames, self.patch_hop_frames)
+        first = batch.drop_left  # a window of a long clip keeps the patches starting inside it
+        last = None if batch.keep is None else batch.drop_left + batch.keep
+        rows, picks = [], []
+        for row, length in enumerate(padded):
+            frames = frontends.frame_count(length, self.window_length, self.hop_samples)
+            for p in range((frames - self.patch_frames) // self.patch_hop_frames + 1):
+                start = p * self.patch_hop_samples
+                if start >= first and (last is None or start < last):
+                    rows.append(row)
+                    picks.append(p)
+        device = wave.device
+        owner = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+        index = torch.tensor(picks, dtype=torch.long).to(device, non_blocking=True)
+        x = patches[owner, index]  # [N, mel, 96]
+        return x.transpose(1, 2).unsqueeze(1).contiguous(), owner  # [N, 1, 96, 64], [N]
 
     # ---- network --------------------------------------------------------------------------
     def forward_taps(self, features, taps, baseline, batch):
