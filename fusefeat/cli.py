@@ -218,3 +218,61 @@ def merge(directory, output, virtual):
 
     result = run(directory, output, virtual=virtual)
     click.echo(json.dumps(result, sort_keys=True))
+
+
+@main.command()
+@click.argument("features", type=click.Path(exists=True))
+@click.option("--labels", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="CSV with a path column (path or filename; see --path-column) and labels.")
+@click.option("--label-column", default="label", show_default=True, help="The column to predict.")
+@click.option("--path-column", help="The column of file paths (default: 'path', else 'filename'), "
+              "matched to the paths stored in FEATURES.")
+@click.option("--group-column", help="Keep each value of this column (e.g. a speaker) on one side "
+              "of every split: whole groups per fold.")
+@click.option("--folds", default=5, show_default=True, type=int,
+              help="Number of folds (stratified by label; with --group-column, groups per fold, "
+              "at most one fold per group).")
+@click.option("--seeds", default=3, show_default=True, type=int,
+              help="Repetitions with different seeds (folds, validation hold-out, initialisation).")
+@click.option("--sweep", is_flag=True, help="Probe every layer stored with --save-layers alone, "
+              "and the fusion; write a bar chart (--chart).")
+@click.option("--combine", multiple=True, metavar="A+B",
+              help="Also probe this fusion of stored layers, e.g. 3+6 (repeatable).")
+@click.option("--layer", "layers", type=int, multiple=True,
+              help="Probe this stored layer (repeatable) instead of the fused embedding.")
+@click.option("--baseline", is_flag=True, help="Probe the stored baseline embedding too.")
+@click.option("--json-out", type=click.Path(dir_okay=False),
+              help="Where to write the results (default: probe_<label column>.json).")
+@click.option("--chart", type=click.Path(dir_okay=False),
+              help="PNG bar chart (default with --sweep: probe_<label column>.png).")
+@click.option("--task", help="Task name for the chart title (default: the label column).")
+@click.option("--epochs", default=200, show_default=True, type=int, help="Epochs at most.")
+@click.option("--patience", default=20, show_default=True, type=int,
+              help="Early stopping: epochs without a better validation accuracy.")
+@_friendly
+def probe(features, labels, label_column, path_column, group_column, folds, seeds, sweep, combine,
+          layers, baseline, json_out, chart, task, epochs, patience):
+    """Linear evaluation of extracted FEATURES (the paper's protocol): StandardScaler, one linear
+    layer (Adam, lr 3e-4), early stopping on 10% of train; mean ± std over folds x seeds.
+
+    \b
+    Examples:
+      fusefeat probe feats/ --labels labels.csv --folds 5
+      fusefeat probe feats/ --labels labels.csv --group-column speaker --folds 6 --sweep
+    """
+    from fusefeat.errors import UsageError
+    from fusefeat.probe import ProbeSettings, run_probe
+
+    if seeds < 1 or epochs < 1 or patience < 1:
+        raise UsageError("--seeds, --epochs and --patience must be at least 1")
+    settings = ProbeSettings(folds=folds, seeds=seeds, max_epochs=epochs, patience=patience)
+    json_out = json_out or f"probe_{label_column}.json"
+    if sweep and chart is None:
+        chart = f"probe_{label_column}.png"
+    report = run_probe(features, labels, label_column, path_column, group_column, settings,
+                       sweep=sweep, layers=layers, baseline=baseline, combine=combine,
+                       json_out=json_out, chart=chart, task=task, log=click.echo,
+                       progress=lambda r: click.echo(f"fusefeat: {r.name}: {100 * r.mean:.1f}% "
+                                                     f"± {100 * r.std:.1f}", err=True))
+    click.echo(f"results: {report['json']}" + (f", chart: {report['chart']}" if chart else ""))
+

@@ -89,7 +89,8 @@ def hf_preset(repo_or_path: str) -> Preset:
         name=HF_PREFIX + repo_or_path, backbone="hf", sample_rate=16000, default_layers=(),
         window_seconds=30.0, weights={"hf_repo": repo_or_path, "revision": "main",
                                       "format": "huggingface"},
-        frontend={}, description=f"Hugging Face encoder {repo_or_path}",
+        # The model's own feature extractor is the front end; layer strides are in samples.
+        frontend={"hop_samples": 1}, description=f"Hugging Face encoder {repo_or_path}",
         source="builtin:hf",
     )
 

@@ -108,7 +108,8 @@ def kaldi_fbank(wave: torch.Tensor, sample_rate: int, num_mel_bins: int, frame_l
 
 
 def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
-    """torchaudio's band-limited sinc resampling (defaults), batched over rows."""
+    """torchaudio's band-limited sinc resampling (defaults), batched over rows (a row's samples
+    equal resampling it alone up to float32 rounding, about 5e-7)."""
     if orig_freq == new_freq:
         return wave
     import torchaudio.functional as AF
@@ -123,3 +124,29 @@ def resampled_length(num_samples: int, orig_freq: int, new_freq: int) -> int:
     g = math.gcd(orig_freq, new_freq)
     orig, new = orig_freq // g, new_freq // g
     return -(-new * num_samples // orig)
+
+
+def whisper_log_mel(wave: torch.Tensor, mel_filters: torch.Tensor, n_fft: int,
+                    hop: int) -> torch.Tensor:
+    """Whisper's log-mel of rows already padded to the model's fixed length, as
+    `WhisperFeatureExtractor` computes it (centred STFT, periodic Hann, power, the last frame
+    dropped, log10 floored at 1e-10, each row clamped to its own max - 8, then (x + 4) / 4).
+    [B, L] -> [B, mel, L // hop]; `mel_filters` is [n_fft/2+1, mel]."""
+    window = torch.hann_window(n_fft, device=wave.device, dtype=wave.dtype)
+    spec = torch.stft(wave, n_fft, hop, window=window, return_complex=True)
+    power = (spec[..., :-1].abs() ** 2).contiguous()  # [B, freq, T]
+    log_spec = torch.clamp(mel_filters.T @ power, min=1e-10).log10()
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)
+    return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+
+
+def zero_mean_unit_var(wave: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Each row normalised over its first `lengths` samples, zeros after them: what
+    `Wav2Vec2FeatureExtractor(do_normalize=True)` gives each clip alone. [B, L] -> [B, L]."""
+    mask = torch.arange(wave.shape[-1], device=wave.device)[None, :] < lengths[:, None]
+    x = wave.double()  # statistics of long rows in float64
+    count = lengths.clamp(min=1).to(x.dtype)[:, None]
+    mean = (x * mask).sum(dim=-1, keepdim=True) / count
+    var = (((x - mean) * mask) ** 2).sum(dim=-1, keepdim=True) / count
+    normed = ((x - mean) / torch.sqrt(var + eps)).to(wave.dtype)
+    return torch.where(mask, normed, torch.zeros_like(normed))

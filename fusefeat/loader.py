@@ -1,17 +1,21 @@
 """Decoding in worker processes, ahead of the model.
 
 The main process hands out files; each worker probes a file, plans its segments
-(fusefeat.windows) and sends them back one at a time, holding a credit per segment in flight so
-that memory stays bounded (`prefetch` segments at most, whatever the files' lengths). A worker
-that dies (a crash inside a codec library, say) costs only the file it was reading: that file
-is reported as failed and a new worker takes over. With `workers=0` decoding runs inline.
+(fusefeat.windows) and sends them back one at a time through its own pipe. Results are handed
+on in input order, so batches (and vectors) never depend on which worker was faster. Memory
+stays bounded whatever the files' lengths: the main process stops reading a worker's pipe once
+`prefetch_mb / workers` of its audio waits, and the worker then blocks on its next send.
+
+Each worker has its own pipe, so no lock is shared: a worker that dies (a crash inside a codec
+library, the OOM killer) costs only the file it was reading, which is reported as failed, and a
+new worker takes over its queue. With `workers=0` decoding runs inline.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
-import queue
 import signal
+from multiprocessing.connection import wait
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -68,54 +72,57 @@ def decode(task: DecodeTask, geometry: Geometry, clip_samples: Optional[int]) ->
                                                   "out of memory while decoding this file"))
 
 
-def _worker_main(worker_id, tasks, results, credits, geometry, clip_samples):
+def _worker_main(conn, geometry, clip_samples):
     # Ctrl-C and SLURM's SIGTERM reach the whole process group: the main process decides when
     # to stop (it commits first), workers must not die under it and look like crashed decoders.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = mp.parent_process()
-
-    def orphaned() -> bool:  # the main process was killed (SIGKILL): do not linger
-        return parent is not None and not parent.is_alive()
-
-    while True:
-        try:
-            task = tasks.get(timeout=1.0)
-        except queue.Empty:
-            if orphaned():
+    try:
+        while True:
+            if not conn.poll(1.0):
+                if parent is not None and not parent.is_alive():
+                    return  # the main process was killed: do not linger
+                continue
+            task = conn.recv()
+            if task is None:
                 return
-            continue
-        if task is None:
-            return
-        results.put(("begin", worker_id, task.file_index))
-        for message in decode(task, geometry, clip_samples):
-            if isinstance(message, Segment):
-                while not credits.acquire(timeout=1.0):
-                    if orphaned():
-                        return
-            results.put(("item", worker_id, message))
-        results.put(("end", worker_id, task.file_index))
+            conn.send(("begin", task.file_index))
+            for message in decode(task, geometry, clip_samples):
+                conn.send(message)  # blocks while the main process lets this pipe fill
+            conn.send(("end", task.file_index))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the main process went away
+
+
+@dataclass
+class _Worker:
+    proc: object
+    conn: object
+    assigned: list  # file indexes handed to it, in order
+    buffered_bytes: int = 0
+    started: int = -1  # the file it announced it is decoding
+
+
+class Tick:
+    """Yielded while nothing arrives, so the consumer can react to a stop request."""
 
 
 class DecodePool:
-    """Iterate over Segments and Failed messages for `tasks`, in task order.
+    """Iterate over Segments and Failed messages for `tasks`, in task order (and Tick)."""
 
-    Workers decode ahead; results are handed out in the order of the tasks (then of the pieces
-    within a file), so batches and vectors do not depend on which worker was faster. Each worker
-    holds at most `prefetch / workers` decoded segments that wait to be handed out; the worker
-    of the file being handed out never waits on another worker, so this cannot deadlock."""
+    QUEUE_DEPTH = 2  # files handed to a worker ahead of the one it decodes
 
     def __init__(self, tasks: Sequence[DecodeTask], geometry: Geometry,
-                 clip_samples: Optional[int] = None, workers: int = 2, prefetch: int = 64):
+                 clip_samples: Optional[int] = None, workers: int = 2, prefetch_mb: float = 256):
         self.tasks = list(tasks)
         self.geometry = geometry
         self.clip_samples = clip_samples
         self.workers = workers
-        self.per_worker = max(2, prefetch // max(1, workers))
+        self.budget = max(1, int(prefetch_mb * 2**20) // max(1, workers))  # bytes per worker
         self._context = mp.get_context("spawn")  # never fork a process that holds torch threads
-        self._procs: dict[int, mp.Process] = {}
-        self._credits: dict[int, object] = {}
-        self._idle_deaths = 0  # workers that died without a file: a broken environment
+        self._pool: list[_Worker] = []
+        self._idle_deaths = 0  # workers that died in a row without a file: a broken environment
 
     def __iter__(self) -> Iterator:
         if self.workers <= 0:
@@ -124,106 +131,136 @@ class DecodePool:
             return
         yield from self._parallel()
 
-    def _spawn(self, worker_id: int) -> None:
-        credits = self._context.Semaphore(self.per_worker)
-        proc = self._context.Process(
-            target=_worker_main, name=f"fusefeat-decode-{worker_id}", daemon=True,
-            args=(worker_id, self._task_queue, self._results, credits, self.geometry,
-                  self.clip_samples))
+    def _spawn(self) -> _Worker:
+        mine, theirs = self._context.Pipe(duplex=True)
+        proc = self._context.Process(target=_worker_main, daemon=True,
+                                     name=f"fusefeat-decode-{len(self._pool)}",
+                                     args=(theirs, self.geometry, self.clip_samples))
         proc.start()
-        self._procs[worker_id] = proc
-        self._credits[worker_id] = credits
+        theirs.close()
+        worker = _Worker(proc, mine, [])
+        self._pool.append(worker)
+        return worker
 
     def _parallel(self) -> Iterator:
-        ctx = self._context
-        self._task_queue = ctx.Queue()
-        self._results = ctx.Queue()
         order = [t.file_index for t in self.tasks]
         by_index = {t.file_index: t for t in self.tasks}
-        buffered: dict[int, list] = {}  # file index -> (worker id, message) not yet handed out
+        buffered: dict[int, list] = {}  # file index -> messages not yet handed out
         ended: set[int] = set()
-        busy: dict[int, int] = {}  # worker id -> file index being decoded
-        handed = 0  # tasks put on the queue
+        owner: dict[int, _Worker] = {}  # file index -> worker decoding it
+        pending = list(reversed(self.tasks))  # not yet handed to a worker (pop from the end)
         position = 0  # index in `order` of the file being handed out
-        next_id = 0
         for _ in range(self.workers):
-            self._spawn(next_id)
-            next_id += 1
+            self._spawn()
 
-        def feed() -> None:
-            nonlocal handed
-            while handed < len(order) and handed - position < 2 * self.workers + self.workers:
-                self._task_queue.put(by_index[order[handed]])
-                handed += 1
-
-        def release(worker_id: int, message) -> None:
-            credits = self._credits.get(worker_id)
-            if credits is not None and isinstance(message, Segment):
-                credits.release()
+        def assign() -> None:
+            for worker in sorted(self._pool, key=lambda w: len(w.assigned)):
+                while pending and len(worker.assigned) <= self.QUEUE_DEPTH:
+                    task = pending.pop()
+                    try:
+                        worker.conn.send(task)
+                    except (OSError, ValueError):  # it died: its sentinel will tell
+                        pending.append(task)
+                        break
+                    worker.assigned.append(task.file_index)
+                    owner[task.file_index] = worker
 
         try:
-            feed()
+            assign()
             while position < len(order):
                 current = order[position]
-                # hand out what the current file already has, then move on if it is done
                 while buffered.get(current):
-                    worker_id, message = buffered[current].pop(0)
+                    message = buffered[current].pop(0)
+                    if isinstance(message, Segment):
+                        owner_of = owner.get(current)
+                        if owner_of is not None:
+                            owner_of.buffered_bytes -= message.wave.nbytes
                     yield message
-                    release(worker_id, message)
                 if current in ended:
                     buffered.pop(current, None)
                     position += 1
-                    feed()
                     continue
-                try:
-                    kind, worker_id, payload = self._results.get(timeout=0.5)
-                except queue.Empty:
-                    self._replace_dead_workers(busy, buffered, ended, by_index)
-                    if self._idle_deaths > 3 * self.workers:
-                        raise FusefeatError(
-                            "the decoding worker processes keep dying before reading any file",
-                            hint="run with --num-workers 0 to decode in the main process and "
-                                 "see the error") from None
-                    for _ in range(self.workers - len(self._procs)):
-                        self._spawn(next_id)
-                        next_id += 1
+                # read from the current file's worker always, from others while under budget
+                readable = [w for w in self._pool
+                            if (w.assigned and w.assigned[0] == current)
+                            or w.buffered_bytes < self.budget]
+                ready = wait([w.conn for w in readable] + [w.proc.sentinel for w in self._pool],
+                             timeout=0.5)
+                if not ready:
+                    yield Tick()
                     continue
-                if kind == "begin":
-                    busy[worker_id] = payload
-                elif kind == "end":
-                    busy.pop(worker_id, None)
-                    ended.add(payload)
-                else:
-                    buffered.setdefault(payload.file_index, []).append((worker_id, payload))
+                for worker in list(self._pool):
+                    if worker.conn in ready and worker in readable:
+                        try:
+                            message = worker.conn.recv()
+                        except (EOFError, OSError):  # the worker is gone (its pipe closed)
+                            worker.proc.join(timeout=5.0)
+                            self._bury(worker, by_index, buffered, ended, pending, owner)
+                            continue
+                        self._receive(worker, message, buffered, ended)
+                    elif worker.proc.sentinel in ready:
+                        # messages it sent before dying are still in the pipe: take them first
+                        while worker in readable and worker.conn.poll(0):
+                            try:
+                                self._receive(worker, worker.conn.recv(), buffered, ended)
+                            except (EOFError, OSError):
+                                break
+                        self._bury(worker, by_index, buffered, ended, pending, owner)
+                assign()
         finally:
             self.close()
 
-    def _replace_dead_workers(self, busy, buffered, ended, by_index) -> None:
-        for worker_id, proc in list(self._procs.items()):
-            if proc.is_alive():
-                continue
-            del self._procs[worker_id]
-            self._credits.pop(worker_id, None)
-            file_index = busy.pop(worker_id, None)
-            if file_index is None:
-                self._idle_deaths += 1
-                continue
-            task = by_index[file_index]
-            buffered[file_index] = [(worker_id, Failed(file_index, FileFailure(
+    def _receive(self, worker: _Worker, message, buffered, ended) -> None:
+        self._idle_deaths = 0  # workers do work: deaths are not an environment problem
+        if isinstance(message, tuple) and message[0] == "begin":
+            worker.started = message[1]
+            return
+        if isinstance(message, tuple) and message[0] == "end":
+            ended.add(message[1])
+            if worker.assigned and worker.assigned[0] == message[1]:
+                worker.assigned.pop(0)
+            return
+        buffered.setdefault(message.file_index, []).append(message)
+        if isinstance(message, Segment):
+            worker.buffered_bytes += message.wave.nbytes
+
+    def _bury(self, worker, by_index, buffered, ended, pending, owner) -> None:
+        """A worker died: its current file failed, its queued files go back to the others."""
+        self._pool.remove(worker)
+        worker.conn.close()
+        if not worker.assigned or worker.started != worker.assigned[0]:
+            self._idle_deaths += 1  # it died between files: nothing of ours is lost
+            for index in reversed(worker.assigned):
+                owner.pop(index, None)
+                pending.append(by_index[index])
+            if self._idle_deaths > 3 * max(1, self.workers):
+                raise FusefeatError(
+                    "the decoding worker processes keep dying before reading any file",
+                    hint="run with --num-workers 0 to decode in the main process and see the error")
+        else:
+            current, *queued = worker.assigned
+            task = by_index[current]
+            buffered[current] = [m for m in buffered.get(current, []) if not isinstance(m, Segment)]
+            buffered[current].append(Failed(current, FileFailure(
                 task.key, "decode", "DecoderCrashed",
-                f"the decoder process died (exit code {proc.exitcode}) while reading this file; "
-                "the file is probably corrupt")))]
-            ended.add(file_index)
+                f"the decoder process died (exit code {worker.proc.exitcode}) while reading this "
+                "file; the file is probably corrupt")))
+            ended.add(current)
+            for index in reversed(queued):
+                owner.pop(index, None)
+                pending.append(by_index[index])
+        self._spawn()
 
     def close(self) -> None:
-        for _ in self._procs:
+        for worker in self._pool:
             try:
-                self._task_queue.put(None)
-            except (OSError, ValueError, AttributeError):
-                break
-        for proc in self._procs.values():
-            proc.join(timeout=1.0)
-            if proc.is_alive():
-                proc.kill()  # workers ignore SIGTERM
-                proc.join(timeout=1.0)
-        self._procs.clear()
+                worker.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for worker in self._pool:
+            worker.proc.join(timeout=1.0)
+            if worker.proc.is_alive():
+                worker.proc.kill()  # workers ignore SIGTERM
+                worker.proc.join(timeout=1.0)
+            worker.conn.close()
+        self._pool.clear()

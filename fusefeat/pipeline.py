@@ -51,7 +51,7 @@ class ExtractOptions:
     retry_failed: bool = False
     refresh_changed: bool = False
     progress: bool = True
-    prefetch: int = 64
+    prefetch_mb: float = 256.0  # decoded audio waiting for the model, at most
 
 
 @dataclass
@@ -138,7 +138,7 @@ def plan_layers(options: ExtractOptions):
     cls = backbone_class(preset)
     table = cls.table(preset, weights=options.weights)
     numbers = [info.number for info in table]
-    default = preset.default_layers or (numbers[-1],)
+    default = cls.default_layers(preset, table)
     taps = parse_layers(options.layers, numbers, default, model=preset.name)
     return preset, cls, table, taps
 
@@ -152,7 +152,7 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
     from fusefeat import discover as disc
     from fusefeat.assemble import Assembler
     from fusefeat.batching import Batcher
-    from fusefeat.loader import DecodePool, DecodeTask, Failed
+    from fusefeat.loader import DecodePool, DecodeTask, Failed, Tick
     from fusefeat.runner import Runner
     from fusefeat.store import layout
     from fusefeat.store.lock import SlotLock
@@ -271,16 +271,17 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
             finish(previous)
 
         pool = DecodePool(tasks, geometry, clip_samples, workers=options.num_workers,
-                          prefetch=options.prefetch)
-        torch.set_grad_enabled(False)
+                          prefetch_mb=options.prefetch_mb)
         loop_started = time.monotonic()
-        with _StopFlag() as stop:
+        with torch.no_grad(), _StopFlag() as stop:  # no_grad: the caller's own state is kept
             interrupted = False
             try:
                 for message in pool:
                     if stop.stopped:
                         interrupted = True
                         break
+                    if isinstance(message, Tick):
+                        continue
                     if isinstance(message, Failed):
                         record_failure(message.file_index, message.failure)
                         continue

@@ -60,11 +60,15 @@ class Runner:
             for j, i in enumerate(members):
                 wave = segments[i].wave
                 host[j, : wave.shape[0]] = torch.from_numpy(wave)
-            # zero padding after a row equals torchaudio's own zero padding: exact per row
+            # zero padding after a row is what torchaudio pads with anyway: the row's samples
+            # are those of resampling the clip alone (up to float rounding)
             resampled = frontends.resample(host.to(self.device, non_blocking=True), rate, target)
             for j, i in enumerate(members):
                 piece = segments[i].piece
-                rows[i] = resampled[j, piece.trim_left: piece.trim_left + piece.length]
+                # the clip's own resampled length: what lies beyond is the filter's ringing
+                # into the padding of longer rows, which resampling the clip alone never yields
+                end = frontends.resampled_length(segments[i].wave.shape[0], rate, target)
+                rows[i] = resampled[j, piece.trim_left: min(piece.trim_left + piece.length, end)]
         lengths = [seg.piece.padded_length for seg in segments]
         wave = torch.zeros(len(segments), max(lengths), dtype=torch.float32, device=self.device)
         for i, row in enumerate(rows):

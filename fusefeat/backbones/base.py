@@ -106,6 +106,11 @@ class Backbone(torch.nn.Module):
     def layer_numbers(self) -> tuple[int, ...]:
         return tuple(info.number for info in self.layer_table)
 
+    @classmethod
+    def default_layers(cls, preset: Preset, table: tuple[LayerInfo, ...]) -> tuple[int, ...]:
+        """The layers fused when --layers is not given: the preset's, else the last one."""
+        return tuple(preset.default_layers) or (table[-1].number,)
+
     def layer(self, number: int) -> LayerInfo:
         for info in self.layer_table:
             if info.number == number:

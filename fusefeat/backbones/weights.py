@@ -155,14 +155,17 @@ def import_module_skipping_package_init(package: str, submodule: str):
 # ---- Hugging Face ------------------------------------------------------------------------------
 
 def hf_model_dir(repo_or_path: str, revision: str | None, weights: str | None,
-                 model: str) -> tuple[Path, str]:
-    """A local directory for a Hugging Face model and its identity (repo@commit or sha256)."""
+                 model: str, identify: bool = True) -> tuple[Path, str]:
+    """A local directory for a Hugging Face model and its identity (repo@commit or sha256).
+
+    `identify=False` skips hashing a local directory's weights (identity ""): enough to read
+    its configuration."""
     local = Path(weights or repo_or_path).expanduser()
     if weights is not None or local.is_dir():
         if not (local / "config.json").is_file():
             raise WeightsError(f"{local} is not a Hugging Face model directory (no config.json)",
                                hint=f"pass the directory that save_pretrained() wrote for {model}")
-        return local, "sha256:" + _dir_weights_digest(local)
+        return local, ("sha256:" + _dir_weights_digest(local)) if identify else ""
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
