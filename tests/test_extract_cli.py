@@ -208,3 +208,28 @@ def test_help_is_fast_and_documents_exit_codes():
                            check=True).stdout.split()
     assert float(lines[0]) < 0.5 and lines[1] == "False"
     assert "75 interrupted" in run_cli("extract", "--help", check=0).stdout
+
+
+def test_bf16_on_cpu_close_to_fp32_and_fp16_refused(tmp_path, wav_dir, random_checkpoints):
+    """bf16 autocast runs on the CPU too (stored as float32, recorded in the config); its vectors
+    stay near fp32's (measured: relative error 3-5e-3 for random-weight VGGish/CNN14, ≤ 2.5e-2
+    for YAMNet's real weights). fp16 has no fast CPU path: refused before anything loads."""
+    weights = random_checkpoints("vggish")
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        run_cli("extract", wav_dir, "-m", "vggish", "-w", weights, "-o", out,
+                "--precision", precision, check=0)
+        runs[precision] = fusefeat.load(out)
+    a, b = (np.asarray(runs[p].embeddings) for p in ("fp32", "bf16"))
+    assert b.dtype == np.float32 and runs["bf16"].paths == runs["fp32"].paths
+    assert runs["bf16"].meta["config"]["precision"] == "bf16"
+    rel = [np.linalg.norm(a[i] - b[i]) / np.linalg.norm(a[i]) for i in range(len(a))]
+    assert 0 < max(rel) < 2e-2, rel  # not fp32 under another name, and close
+    mixed = run_cli("extract", wav_dir, "-m", "vggish", "-w", weights, "-o", tmp_path / "fp32",
+                    "--precision", "bf16")
+    assert mixed.returncode == 1 and "precision" in mixed.stderr  # no mixing in one directory
+    refused = run_cli("extract", wav_dir, "-m", "vggish", "-w", weights, "-o", tmp_path / "x",
+                      "--precision", "fp16", "--device", "cpu")
+    assert refused.returncode == 2 and "CUDA" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "x").exists()
