@@ -89,6 +89,13 @@ def random_weights(model: str, folder: Path) -> Path:
         path = folder / "ast"
         if not path.exists():
             ASTForAudioClassification(ASTConfig()).save_pretrained(path)  # full size, 12 x 768
+    elif model == "yamnet":  # the real weights when the shared folder has them, else random
+        real = REPO.parent / "shared" / "models" / "yamnet" / "yamnet.pth"
+        path = real if real.exists() else folder / "yamnet.pth"
+        if not path.exists():
+            from fusefeat.backbones.yamnet import YAMNet
+
+            torch.save(YAMNet.network(random_init=True).state_dict(), path)
     else:
         raise SystemExit(f"no random weights recipe for {model}")
     return path
@@ -203,6 +210,20 @@ def bench_per_clip(model, weights, files, device):
             x = torchaudio.functional.resample(torch.from_numpy(data), rate, 16000).numpy()
             inputs = extractor(x, sampling_rate=16000, return_tensors="pt")
             return net(inputs["input_values"].to(device)).pooler_output
+    elif model == "yamnet":  # the package's own (approximate) front end, one clip at a time
+        from fusefeat.backbones.weights import import_module_skipping_package_init
+        from fusefeat.backbones.yamnet import YAMNet
+
+        proc = import_module_skipping_package_init("torch_vggish_yamnet", "input_proc")
+        to_input = proc.WaveformToInput()
+        net = YAMNet.network(random_init=False)
+        net.load_state_dict(torch.load(weights, map_location="cpu"))
+        net = net.eval().to(device)
+
+        def one(path):
+            data, rate = sf.read(path, dtype="float32")
+            patches = to_input(torch.from_numpy(data)[None], rate)
+            return net(patches.to(device), to_prob=True)
     else:
         raise SystemExit(model)
     with torch.inference_mode():
@@ -217,7 +238,7 @@ def bench_per_clip(model, weights, files, device):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="vggish,cnn14,ast")
+    parser.add_argument("--models", default="vggish,cnn14,ast,yamnet")
     parser.add_argument("--clips", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
