@@ -62,3 +62,28 @@ def test_a_failing_clip_fails_alone():
     assert [f.path for _, f in failures] == ["file3"]
     assert failures[0][1].stage == "model" and "simulated kernel failure" in failures[0][1].message
     assert sorted(s.file_index for r in results for s in r.segments) == [0, 1, 2, 4, 5]
+
+
+def test_cpu_row_chunks_give_the_rows_of_one_forward():
+    """On the CPU the patch models run a few rows at a time (faster there); every tap, the FC
+    layers and the baseline come back as one forward over all rows would give them."""
+    from fusefeat.backbones.base import BASELINE
+    from fusefeat.backbones.yamnet import YAMNet
+
+    torch.manual_seed(0)
+    for backbone, taps in ((VGGish.build(load_preset("vggish"), random_init=True), (10, 18)),
+                           (YAMNet.build(load_preset("yamnet"), random_init=True), (6, 14))):
+        runner = Runner(backbone, taps, True, False, torch.device("cpu"))
+        batch = runner.prepare(_segments(backbone, count=5))
+        features = backbone.featurize(batch)
+        assert features[0].shape[0] > 3  # more rows than one chunk
+        results = {}
+        for chunk in (None, 3):
+            backbone.cpu_rows_per_forward = chunk
+            with torch.inference_mode():
+                results[chunk] = backbone.forward_taps(features, taps, True, batch)
+        assert set(results[3]) == set(taps) | {BASELINE}
+        for key, whole in results[None].items():
+            torch.testing.assert_close(results[3][key].frames, whole.frames, rtol=1e-5, atol=1e-6)
+            assert results[3][key].stride == whole.stride
+            assert torch.equal(results[3][key].owner, whole.owner)

@@ -50,6 +50,7 @@ def _layer_table(example_frames: int, mel_bins: int) -> tuple[LayerInfo, ...]:
 
 class VGGish(Backbone):
     ragged_batches = True  # frame-wise front end, independent examples
+    cpu_rows_per_forward = 8  # examples per forward on the CPU (see Backbone)
     baseline_dim = 128
     baseline_description = "VGGish 128-d output (last FC ReLU), mean + max over examples"
 
@@ -110,30 +111,36 @@ class VGGish(Backbone):
         x, owner = features
         deepest = self.deepest(taps, 22, baseline)
         conv_layers = list(self.net.features.children())
-        out = {}
-        for number, module in enumerate(conv_layers, start=1):
-            if number > deepest:
-                break
-            x = module(x)
-            if number in taps:  # clone: the following ReLU works in place
-                info = self.layer(number)
-                frames = flatten_channels_major(x.clone())
-                out[number] = LayerFrames.whole(frames, info.time_stride, owner)
-        if deepest > len(conv_layers):
-            x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # as VGG.forward: [N, T, F, C]
-            for number, module in enumerate(self.net.embeddings.children(),
-                                            start=len(conv_layers) + 1):
+
+        def network_rows(x):
+            out = {}
+            for number, module in enumerate(conv_layers, start=1):
                 if number > deepest:
                     break
                 x = module(x)
-                if number in taps:
-                    frames = x.clone().unsqueeze(-1)  # [N, D, 1], repeated by fusion
-                    out[number] = LayerFrames.whole(frames, self.example_frames, owner)
-                if baseline and number == 22:
-                    frames = x.clone().unsqueeze(-1)
-                    out[BASELINE] = LayerFrames.whole(frames, self.example_frames, owner)
-        return out
+                if number in taps:  # clone: the following ReLU works in place
+                    out[number] = flatten_channels_major(x.clone())
+            if deepest > len(conv_layers):
+                x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # as VGG.forward: [N, T, F, C]
+                for number, module in enumerate(self.net.embeddings.children(),
+                                                start=len(conv_layers) + 1):
+                    if number > deepest:
+                        break
+                    x = module(x)
+                    if number in taps:
+                        out[number] = x.clone().unsqueeze(-1)  # [N, D, 1], repeated by fusion
+                    if baseline and number == 22:
+                        out[BASELINE] = x.clone().unsqueeze(-1)
+            return out
 
+        out = {}
+        for key, frames in self.rows_in_chunks(x, network_rows).items():
+            if key != BASELINE and key <= len(conv_layers):
+                stride = self.layer(key).time_stride
+            else:  # FC layers: one vector per 0.96 s example
+                stride = self.example_frames
+            out[key] = LayerFrames.whole(frames, stride, owner)
+        return out
 
 
 BACKBONE = VGGish

@@ -60,6 +60,7 @@ def official_padded_length(num_samples, min_samples: int, hop: int):
 
 class YAMNet(Backbone):
     ragged_batches = True  # frame-wise front end, independent patches, padding applied per row
+    cpu_rows_per_forward = 16  # patches per forward on the CPU (see Backbone)
     baseline_dim = EMBEDDING_DIM
     baseline_description = ("YAMNet 1024-d embedding (global average pool of block 14 per "
                             "patch), mean + max over patches")
@@ -156,16 +157,22 @@ class YAMNet(Backbone):
     def forward_taps(self, features, taps, baseline, batch):
         x, owner = features
         deepest = self.deepest(taps, len(BLOCKS), baseline)
+
+        def network_rows(x):
+            out = {}
+            for number in range(1, deepest + 1):
+                x = getattr(self.net, f"layer{number}")(x)  # ReLU is not in place: no clone
+                if number in taps:
+                    out[number] = flatten_channels_major(x)
+            if baseline:  # one 1024-d vector per patch = adaptive_avg_pool2d(x, 1), as forward
+                out[BASELINE] = x.mean(dim=(2, 3)).unsqueeze(-1)
+            return out
+
         out = {}
-        for number in range(1, deepest + 1):
-            x = getattr(self.net, f"layer{number}")(x)  # ReLU is not in place: no clone needed
-            if number in taps:
-                stride = self.layer(number).time_stride
-                out[number] = LayerFrames.whole(flatten_channels_major(x), stride, owner)
-        if baseline:  # one 1024-d vector per patch, given at the reference rate (no repeat)
-            embedding = x.mean(dim=(2, 3))  # = adaptive_avg_pool2d(x, 1), as YAMNet.forward
-            out[BASELINE] = LayerFrames.whole(embedding.unsqueeze(-1), self.reference_stride,
-                                              owner)
+        for key, frames in self.rows_in_chunks(x, network_rows).items():
+            # the baseline is given at the reference rate (no repeat)
+            stride = self.reference_stride if key == BASELINE else self.layer(key).time_stride
+            out[key] = LayerFrames.whole(frames, stride, owner)
         return out
 
     def classify(self, features) -> tuple[torch.Tensor, torch.Tensor]:
