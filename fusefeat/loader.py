@@ -2,9 +2,12 @@
 
 The main process hands out files; each worker probes a file, plans its segments
 (fusefeat.windows) and sends them back one at a time through its own pipe. Results are handed
-on in input order, so batches (and vectors) never depend on which worker was faster. Memory
-stays bounded whatever the files' lengths: the main process stops reading a worker's pipe once
-`prefetch_mb / workers` of its audio waits, and the worker then blocks on its next send.
+on in input order, so batches (and vectors) never depend on which worker was faster. A thread of
+the main process reads the pipes while the model runs (a pipe holds 64 KiB: without it, workers
+would wait for the model to finish each batch). Memory stays bounded whatever the files'
+lengths: at most `prefetch_mb` of decoded audio waits, half of it handed out by the reading
+thread, half in its reorder buffer, where it stops reading a worker's pipe once its share waits;
+the worker then blocks on its next send.
 
 Each worker has its own pipe, so no lock is shared: a worker that dies (a crash inside a codec
 library, the OOM killer) costs only the file it was reading, which is reported as failed, and a
@@ -14,7 +17,9 @@ new worker takes over its queue. With `workers=0` decoding runs inline.
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import signal
+import threading
 from multiprocessing.connection import wait
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -96,6 +101,11 @@ def _worker_main(conn, geometry, clip_samples):
 
 
 @dataclass
+class _Raised:
+    exc: BaseException
+
+
+@dataclass
 class _Worker:
     proc: object
     conn: object
@@ -119,7 +129,11 @@ class DecodePool:
         self.geometry = geometry
         self.clip_samples = clip_samples
         self.workers = workers
-        self.budget = max(1, int(prefetch_mb * 2**20) // max(1, workers))  # bytes per worker
+        total = max(2, int(prefetch_mb * 2**20))
+        self.handed_budget = total // 2  # bytes handed out by the reading thread, not yet taken
+        self.budget = max(1, (total - self.handed_budget) // max(1, workers))  # per worker
+        self._reader: Optional[threading.Thread] = None
+        self._stop_reading = threading.Event()
         self._context = mp.get_context("spawn")  # never fork a process that holds torch threads
         self._pool: list[_Worker] = []
         self._idle_deaths = 0  # workers that died in a row without a file: a broken environment
@@ -129,7 +143,66 @@ class DecodePool:
             for task in self.tasks:
                 yield from decode(task, self.geometry, self.clip_samples)
             return
-        yield from self._parallel()
+        yield from self._read_in_background()
+
+    def _read_in_background(self) -> Iterator:
+        """_parallel() run by a thread; its messages handed on through a queue bounded in
+        bytes. Tick when nothing arrives for 0.5 s; the thread's errors are raised here."""
+        handed: queue.Queue = queue.Queue()
+        room = threading.Condition()
+        waiting = [0]  # bytes in `handed`
+        done = object()
+
+        def size(message) -> int:
+            return message.wave.nbytes if isinstance(message, Segment) else 0
+
+        def read() -> None:
+            messages = self._parallel()
+            try:
+                for message in messages:
+                    if self._stop_reading.is_set():
+                        break
+                    if isinstance(message, Tick):
+                        continue
+                    with room:  # one message always passes, however large
+                        while (waiting[0] and waiting[0] + size(message) > self.handed_budget
+                               and not self._stop_reading.is_set()):
+                            room.wait(0.5)
+                        waiting[0] += size(message)
+                    handed.put(message)
+            except BaseException as exc:  # noqa: BLE001 - raised again in the consumer
+                handed.put(_Raised(exc))
+            finally:
+                messages.close()  # stops the workers
+                handed.put(done)
+
+        self._stop_reading.clear()
+        self._reader = threading.Thread(target=read, name="fusefeat-decode-reader", daemon=True)
+        self._reader.start()
+        try:
+            while True:
+                try:
+                    message = handed.get(timeout=0.5)
+                except queue.Empty:
+                    yield Tick()
+                    continue
+                if message is done:
+                    return
+                if isinstance(message, _Raised):
+                    raise message.exc
+                with room:
+                    waiting[0] -= size(message)
+                    room.notify()
+                yield message
+        finally:
+            self._stop_reader()
+
+    def _stop_reader(self) -> None:
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            self._stop_reading.set()
+            reader.join()
+            self._reader = None
 
     def _spawn(self) -> _Worker:
         mine, theirs = self._context.Pipe(duplex=True)
@@ -252,6 +325,7 @@ class DecodePool:
         self._spawn()
 
     def close(self) -> None:
+        self._stop_reader()  # the reading thread stops the workers on its way out
         for worker in self._pool:
             try:
                 worker.conn.send(None)

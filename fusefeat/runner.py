@@ -79,21 +79,38 @@ class Runner:
                             drop_left=piece.drop_left, keep=piece.keep, host_lengths=lengths)
 
     def forward(self, batch: SegmentBatch) -> dict:
-        backbone = self.backbone
+        """Front end and network taps of a prepared batch."""
         with torch.inference_mode():
-            features = backbone.featurize(batch)
-            autocast = (torch.autocast(self.device.type, dtype=self.dtype)
-                        if self.dtype is not None else contextlib.nullcontext())
-            with autocast:
-                return backbone.forward_taps(features, self.taps, self.baseline, batch)
+            return self._taps(batch, self.backbone.featurize(batch))
 
-    def run(self, segments: list[Segment]) -> BatchResult:
+    def _taps(self, batch: SegmentBatch, features) -> dict:
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype)
+                    if self.dtype is not None else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            return self.backbone.forward_taps(features, self.taps, self.baseline, batch)
+
+    def featurized(self, segments: list[Segment]) -> Optional[tuple]:
+        """(batch, front-end features) of segments, or None when that fails: run_safely then
+        does it again inline and handles the failure. Meant for a background thread, so the
+        front end of the next batch overlaps the network of this one (inference mode is
+        thread-local, hence set here)."""
         try:
             batch = self.prepare(segments)
-        except (RuntimeError, ValueError) as exc:
-            raise StageError("resample", exc) from exc
+            with torch.inference_mode():
+                return batch, self.backbone.featurize(batch)
+        except Exception:  # noqa: BLE001 - the inline retry reports it, per file
+            return None
+
+    def run(self, segments: list[Segment], ready: Optional[tuple] = None) -> BatchResult:
+        if ready is None:
+            try:
+                batch = self.prepare(segments)
+            except (RuntimeError, ValueError) as exc:
+                raise StageError("resample", exc) from exc
+        else:
+            batch = ready[0]
         try:
-            outputs = self.forward(batch)
+            outputs = self.forward(batch) if ready is None else self._taps(batch, ready[1])
             with torch.inference_mode():
                 aligned = {tap: align(out, self.backbone.reference_stride)
                            for tap, out in outputs.items()}
@@ -111,10 +128,12 @@ class Runner:
         return BatchResult(segments, stats, frames)
 
     # ---- failure handling -----------------------------------------------------------------------
-    def run_safely(self, segments: list[Segment], keys) -> tuple[list[BatchResult], list]:
-        """Results for the segments that worked, and (file index, FileFailure) for the others."""
+    def run_safely(self, segments: list[Segment], keys,
+                   ready: Optional[tuple] = None) -> tuple[list[BatchResult], list]:
+        """Results for the segments that worked, and (file index, FileFailure) for the others.
+        `ready`: the segments' featurized() output, when computed ahead."""
         try:
-            return [self.run(segments)], []
+            return [self.run(segments, ready)], []
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if len(segments) == 1:
