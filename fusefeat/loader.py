@@ -124,7 +124,7 @@ class DecodePool:
     QUEUE_DEPTH = 2  # files handed to a worker ahead of the one it decodes
 
     def __init__(self, tasks: Sequence[DecodeTask], geometry: Geometry,
-                 clip_samples: Optional[int] = None, workers: int = 2, prefetch_mb: float = 256):
+                 clip_samples: Optional[int] = None, workers: int = 2, prefetch_mb: float = 64):
         self.tasks = list(tasks)
         self.geometry = geometry
         self.clip_samples = clip_samples

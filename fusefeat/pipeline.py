@@ -54,7 +54,7 @@ class ExtractOptions:
     retry_failed: bool = False
     refresh_changed: bool = False
     progress: bool = True
-    prefetch_mb: float = 256.0  # decoded audio waiting for the model, at most
+    prefetch_mb: float = 64.0  # decoded audio ahead of the model: ~2 batches of 10 s at 44.1 kHz
 
 
 @dataclass
