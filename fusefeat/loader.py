@@ -149,6 +149,7 @@ class DecodePool:
         """_parallel() run by a thread; its messages handed on through a queue bounded in
         bytes. Tick when nothing arrives for 0.5 s; the thread's errors are raised here."""
         handed: queue.Queue = queue.Queue()
+        self._handed = handed  # (tests look at what waits here while the consumer is busy)
         room = threading.Condition()
         waiting = [0]  # bytes in `handed`
         done = object()

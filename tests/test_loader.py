@@ -66,3 +66,21 @@ def test_killed_workers_cost_at_most_their_file():
     assert done | set(failed) == set(range(400)) and not done & set(failed)
     assert len(failed) <= len(kills)
     assert all(f.error_type == "DecoderCrashed" and "died" in f.message for f in failed.values())
+
+
+def test_workers_decode_while_the_consumer_is_busy():
+    """While the model works on a batch nobody iterates the pool: a thread must read the
+    workers' pipes meanwhile (a pipe holds 64 KiB, less than one 4 s clip), or decoding would
+    only happen between batches."""
+    from conftest import NSYNTH
+
+    files = [str(p) for p in sorted(NSYNTH.iterdir())[:8]]  # 4 s at 16 kHz: 256 KB each
+    tasks = [DecodeTask(i, f, f) for i, f in enumerate(files)]
+    pool = DecodePool(tasks, GEOMETRY, workers=1)
+    messages = iter(pool)
+    first = next(m for m in messages if isinstance(m, Segment))
+    time.sleep(1.5)  # "the model" runs; the pool is not iterated
+    assert first.file_index == 0
+    assert pool._handed.qsize() >= 6, pool._handed.qsize()  # decoded ahead, waiting for us
+    rest = [m.file_index for m in messages if isinstance(m, Segment)]
+    assert rest == list(range(1, 8))
