@@ -59,8 +59,8 @@ class VGGish(Backbone):
         self.net = network.eval()
         self.weights_id = weights_id
         fe = preset.frontend
-        self.window_length = int(round(preset.sample_rate * float(fe["window_length_s"])))
-        self.hop_samples = int(round(preset.sample_rate * float(fe["hop_length_s"])))
+        self.window_length, self.hop_samples = frontends.frame_samples(
+            preset.sample_rate, float(fe["window_length_s"]), float(fe["hop_length_s"]))
         self.example_frames = int(fe["example_frames"])
         self.layer_table = self.table(preset)
         self.reference_stride = self.example_frames // 6  # the last conv stage: 6 frames/example
@@ -89,11 +89,8 @@ class VGGish(Backbone):
         return cls(preset, network, "sha256:" + sha256_file(path))
 
     def featurize(self, batch: SegmentBatch):
-        fe = self.preset.frontend
-        log_mel = frontends.htk_log_mel(
-            batch.wave.double(), self.sample_rate, float(fe["window_length_s"]),
-            float(fe["hop_length_s"]), int(fe["mel_bins"]), float(fe["fmin"]), float(fe["fmax"]),
-            float(fe["log_offset"])).float()  # [B, T, mel]
+        log_mel = frontends.htk_log_mel_float64(batch.wave, self.sample_rate,
+                                                self.preset.frontend)  # [B, T, mel]
         # whole examples only, as mel_features.frame; counted on the host: no device sync
         per_row = [frontends.frame_count(n, self.window_length, self.hop_samples)
                     // self.example_frames for n in batch.host_lengths]

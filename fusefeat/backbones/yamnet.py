@@ -9,7 +9,7 @@ TF YAMNet; the front end here is TF YAMNet's (`features.py`), batched on the dev
   last STFT window), then to a whole number of 0.48 s patch hops, per row;
 * 25 ms periodic-Hann frames, 10 ms hop, no centre padding, |rfft 512|, 64 HTK mel bands
   125-7500 Hz with triangles in mel space (the VGGish recipe, shared in `frontends`),
-  log(mel + 0.001); computed in float64 (see `featurize`);
+  log(mel + 0.001); computed in float64 (see `frontends.htk_log_mel_float64`);
 * patches of 96 frames every 48 frames, each fed to the network alone ([N, 1, 96, 64]).
 
 Layers are the 14 blocks (1-based, as `layer1`..`layer14`). Per patch, every selected block is
@@ -70,8 +70,8 @@ class YAMNet(Backbone):
         self.net = network.eval()
         self.weights_id = weights_id
         fe = preset.frontend
-        self.window_length = int(round(preset.sample_rate * float(fe["window_length_s"])))
-        self.hop_samples = int(round(preset.sample_rate * float(fe["hop_length_s"])))
+        self.window_length, self.hop_samples = frontends.frame_samples(
+            preset.sample_rate, float(fe["window_length_s"]), float(fe["hop_length_s"]))
         self.patch_frames = int(fe["patch_frames"])
         self.patch_hop_frames = int(fe["patch_hop_frames"])
         self.layer_table = self.table(preset)
@@ -114,17 +114,9 @@ class YAMNet(Backbone):
 
     # ---- front end ------------------------------------------------------------------------
     def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
-        """TF YAMNet's log-mel spectrogram of padded rows: [B, L] -> [B, T, mel], float32.
-
-        The STFT and mel projection run in float64: in float32 alone, quiet bands move by up to
-        1.5e-3 in the log domain (measured on FSDD and NSynth clips: the 0.001 offset is small
-        and 8 kHz speech leaves the bands above 4 kHz nearly empty); float64 gives the exact
-        recipe's values and keeps each row independent of its batch."""
-        fe = self.preset.frontend
-        return frontends.htk_log_mel(
-            wave.double(), self.sample_rate, float(fe["window_length_s"]),
-            float(fe["hop_length_s"]), int(fe["mel_bins"]), float(fe["fmin"]), float(fe["fmax"]),
-            float(fe["log_offset"])).float()
+        """TF YAMNet's log-mel spectrogram of padded rows: [B, L] -> [B, T, mel], float32
+        (computed in float64: see frontends.htk_log_mel_float64)."""
+        return frontends.htk_log_mel_float64(wave, self.sample_rate, self.preset.frontend)
 
     def featurize(self, batch: SegmentBatch):
         """Waveforms -> (patches [N, 1, 96, 64], owner row [N]), patches in time order per row.
