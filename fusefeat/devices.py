@@ -61,7 +61,7 @@ def deal(files: list, count: int) -> list[list]:
 def extract_on_devices(inputs, options, devices: list[str], *, files_from=None, stdin=None,
                        null_separated: bool = False, log=None):
     from fusefeat.pipeline import (Summary, _marker_inputs, discover_part, plan_layers,
-                                   resolve_device, write_part_marker)
+                                   resolve_device, write_error_marker, write_part_marker)
     from fusefeat.store import layout
     from fusefeat.store.lock import SlotLock
     from fusefeat.store.manifest import clear_output
@@ -73,7 +73,7 @@ def extract_on_devices(inputs, options, devices: list[str], *, files_from=None, 
         resolve_device(device)
     part, parts = options.shard or (0, 1)
     files, failures, _ = discover_part(inputs, part, parts, files_from=files_from, stdin=stdin,
-                                    null_separated=null_separated)
+                                       null_separated=null_separated)
     out = Path(options.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -127,12 +127,8 @@ def extract_on_devices(inputs, options, devices: list[str], *, files_from=None, 
                              for d in range(len(devices))]
         write_part_marker(out, slot, marker, marker_inputs)
     except Exception as exc:
-        try:
-            write_part_marker(out, slot, {"status": "error", "files": len(files),
-                                          "error": getattr(exc, "message", str(exc))},
-                              marker_inputs)
-        except OSError:
-            pass
+        write_error_marker(out, slot, len(files), getattr(exc, "message", str(exc)),
+                           marker_inputs)
         raise
     finally:
         lock.release()

@@ -383,8 +383,7 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
                 progress.close()
         loop_seconds = time.monotonic() - loop_started
         done_now = counts["extracted"] + counts["failed"] - len(new_discover_failures)
-        final_state_failures = _failed_after(state, files, discover_failures, todo, failed_files,
-                                             new_discover_failures)
+        final_state_failures = _failed_after(state, files, discover_failures, todo, failed_files)
         elapsed = time.monotonic() - started
         summary = Summary(
             status="interrupted" if interrupted else ("partial" if final_state_failures else "complete"),
@@ -401,11 +400,7 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
             log(f"warning: cannot write {out / 'parts'} ({exc.strerror or exc}); the features "
                 "are committed, but `fusefeat info` and `status` will not know this run's counts")
     except Exception as exc:
-        try:  # `fusefeat status` reports this part as failed (and resubmits it)
-            write_part_marker(out, slot, {"status": "error", "files": len(files),
-                                          "error": f"{type(exc).__name__}: {exc}"}, marker_inputs)
-        except OSError:
-            pass
+        write_error_marker(out, slot, len(files), f"{type(exc).__name__}: {exc}", marker_inputs)
         raise
     finally:
         lock.release()
@@ -470,8 +465,7 @@ def _changed(source: str, size: int, mtime_ns: int) -> bool:
     return st.st_size != size or st.st_mtime_ns != mtime_ns
 
 
-def _failed_after(state, files, discover_failures, todo, failed_files,
-                  new_discover_failures) -> int:
+def _failed_after(state, files, discover_failures, todo, failed_files) -> int:
     """Files of this run's input (this part's) whose latest record is a failure once this
     run's records are in. Failures of other parts do not count here."""
     mine = {f.key for f in files} | {f.path for f in discover_failures}
@@ -552,6 +546,15 @@ def write_part_marker(out: Path, slot, data: dict, inputs: list) -> None:
     if data["status"] != "running":
         data["finished_unix"] = data["updated_unix"]
     write_json_atomic(marker, data)
+
+
+def write_error_marker(out: Path, slot, files: int, error: str, inputs: list) -> None:
+    """The part's marker says "error", so `fusefeat status` reports it failed (and resubmits
+    it); best effort: the error being raised matters more than its marker."""
+    try:
+        write_part_marker(out, slot, {"status": "error", "files": files, "error": error}, inputs)
+    except OSError:
+        pass
 
 
 def _progress(total: int, enabled: bool):
