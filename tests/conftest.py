@@ -20,6 +20,15 @@ NSYNTH = DATA / "nsynth_mini60" / "audio"
 MODELS = SHARED / "models"
 
 
+def fsdd_by_speaker(root: Path, names) -> Path:
+    """Copy FSDD clips into root/<speaker>/<name> (a nested corpus, as users keep theirs)."""
+    for name in names:
+        speaker = root / name.split("_")[1]
+        speaker.mkdir(parents=True, exist_ok=True)
+        shutil.copy(FSDD / name, speaker / name)
+    return root
+
+
 def run_cli(*args, cwd=None, input=None, env=None, timeout=600, check=None):
     """Run `fusefeat ARGS...` in a subprocess, as a user would (python -m fusefeat)."""
     full_env = dict(os.environ)

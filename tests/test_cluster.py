@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import FSDD, REPO, run_cli, summary_of
+from conftest import FSDD, REPO, fsdd_by_speaker, run_cli, summary_of
 
 import fusefeat
 from fusefeat.discover import discover, part_of, select_part
@@ -214,11 +213,8 @@ def test_array_spec():
 # ---- the real thing, run as users run it -------------------------------------------------------
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cluster") / "wavs"
-    for name in FSDD_NAMES[::250][:CLIPS]:
-        (root / name.split("_")[1]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(FSDD / name, root / name.split("_")[1] / name)
-    return root
+    return fsdd_by_speaker(tmp_path_factory.mktemp("cluster") / "wavs",
+                           FSDD_NAMES[::250][:CLIPS])
 
 
 @pytest.fixture(scope="module")

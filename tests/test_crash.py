@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import FSDD, NSYNTH, REPO, run_cli, summary_of
+from conftest import FSDD, NSYNTH, REPO, fsdd_by_speaker, run_cli, summary_of
 
 import fusefeat
 
@@ -29,13 +29,8 @@ CLIPS = 300
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
     names = sorted(os.listdir(FSDD))[::10][:CLIPS]
-    for name in names:
-        speaker = name.split("_")[1]
-        (root / speaker).mkdir(exist_ok=True)
-        shutil.copy(FSDD / name, root / speaker / name)
-    return root
+    return fsdd_by_speaker(tmp_path_factory.mktemp("corpus"), names)
 
 
 @pytest.fixture(scope="module")
