@@ -28,11 +28,28 @@ def frame_count(num_samples: torch.Tensor | int, frame_length: int, hop: int):
     return max(0, (num_samples - frame_length) // hop + 1)
 
 
+def padded_frames(wave: torch.Tensor, frame_length: int, hop: int, fft_length: int,
+                  window: torch.Tensor) -> torch.Tensor:
+    """Windowed frames already zero-padded to fft_length, no centre padding: [B, L] -> [B, T, fft].
+
+    Frames of fft_length samples whose window is zero past frame_length equal frame_length
+    frames padded with zeros, and come out of one contiguous multiply; letting rfft pad
+    (n=fft_length) copies every frame again and took twice as long on the CPU."""
+    padded_window = torch.nn.functional.pad(window, (0, fft_length - frame_length))
+    tail = torch.nn.functional.pad(wave, (0, fft_length - frame_length))  # same frame count
+    return tail.unfold(-1, fft_length, hop) * padded_window
+
+
+def complex_abs(spectrum: torch.Tensor) -> torch.Tensor:
+    """|z| as the norm of (re, im): equal to Tensor.abs() within an ulp, 3x faster on the CPU
+    (complex abs goes through a slow hypot)."""
+    return torch.linalg.vector_norm(torch.view_as_real(spectrum), dim=-1)
+
+
 def stft_magnitude(wave: torch.Tensor, frame_length: int, hop: int, fft_length: int) -> torch.Tensor:
     """|rfft| of periodic-Hann windowed frames, no centre padding: [B, L] -> [B, T, fft/2+1]."""
-    frames = wave.unfold(-1, frame_length, hop)  # [B, T, frame_length]
     window = periodic_hann(frame_length, device=wave.device, dtype=wave.dtype)
-    return torch.fft.rfft(frames * window, n=fft_length).abs()
+    return complex_abs(torch.fft.rfft(padded_frames(wave, frame_length, hop, fft_length, window)))
 
 
 def hz_to_htk_mel(hz):
@@ -116,7 +133,8 @@ def kaldi_fbank(wave: torch.Tensor, sample_rate: int, num_mel_bins: int, frame_l
                                       device=wave.device, dtype=wave.dtype)
     else:
         raise ValueError(f"unsupported Kaldi window {window_type!r}")
-    power = torch.fft.rfft(frames * window, n=fft_length).abs().pow(2.0)
+    # |z|^2 as re^2 + im^2: skips complex abs's hypot and its square root (1.6x faster on CPU)
+    power = torch.view_as_real(torch.fft.rfft(frames * window, n=fft_length)).square().sum(-1)
     banks, _ = kaldi.get_mel_banks(num_mel_bins, fft_length, float(sample_rate), 20.0, 0.0,
                                    100.0, -500.0, 1.0)
     banks = torch.nn.functional.pad(banks, (0, 1), value=0.0).to(device=wave.device, dtype=wave.dtype)
