@@ -117,7 +117,15 @@ def read_mono(path: str, start: int, stop: int) -> np.ndarray:
 READ_BLOCK_SAMPLES = 1 << 20  # samples (all channels) per read of a many-channel file
 
 
+PCM16_SCALE = np.float32(1.0 / 32768.0)  # libsndfile's int16 -> float scale (a power of two)
+
+
 def _read_mono_blocks(handle: sf.SoundFile, frames: int) -> np.ndarray:
+    if handle.channels == 1 and handle.subtype == "PCM_16":
+        # libsndfile's float conversion costs ~2 ms per 10 s at 44.1 kHz; reading int16 and
+        # scaling by the same power of two gives the same floats, bit for bit, in a fraction
+        samples = handle.read(frames, dtype="int16", always_2d=True)[:, 0]
+        return np.multiply(samples, PCM16_SCALE, dtype=np.float32)
     if handle.channels == 1:
         return handle.read(frames, dtype="float32", always_2d=True)[:, 0]
     mono = np.empty(max(0, frames), dtype=np.float32)

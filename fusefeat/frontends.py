@@ -28,16 +28,19 @@ def frame_count(num_samples: torch.Tensor | int, frame_length: int, hop: int):
     return max(0, (num_samples - frame_length) // hop + 1)
 
 
-def padded_frames(wave: torch.Tensor, frame_length: int, hop: int, fft_length: int,
-                  window: torch.Tensor) -> torch.Tensor:
-    """Windowed frames already zero-padded to fft_length, no centre padding: [B, L] -> [B, T, fft].
-
-    Frames of fft_length samples whose window is zero past frame_length equal frame_length
-    frames padded with zeros, and come out of one contiguous multiply; letting rfft pad
-    (n=fft_length) copies every frame again and took twice as long on the CPU."""
-    padded_window = torch.nn.functional.pad(window, (0, fft_length - frame_length))
+def zero_padded_frames(wave: torch.Tensor, frame_length: int, hop: int,
+                       fft_length: int) -> torch.Tensor:
+    """A view [B, T, fft_length] of frames starting every `hop` samples, no centre padding,
+    T = 1 + (L - frame_length) // hop. Samples past frame_length are the next ones, not zeros:
+    multiply by `zero_padded_window`, whose tail is zero, to get frames padded for the FFT in
+    one contiguous multiply (letting rfft pad with n=fft_length copies every frame again and
+    took twice as long on the CPU)."""
     tail = torch.nn.functional.pad(wave, (0, fft_length - frame_length))  # same frame count
-    return tail.unfold(-1, fft_length, hop) * padded_window
+    return tail.unfold(-1, fft_length, hop)
+
+
+def zero_padded_window(window: torch.Tensor, fft_length: int) -> torch.Tensor:
+    return torch.nn.functional.pad(window, (0, fft_length - window.shape[-1]))
 
 
 def complex_abs(spectrum: torch.Tensor) -> torch.Tensor:
@@ -46,10 +49,26 @@ def complex_abs(spectrum: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.view_as_real(spectrum), dim=-1)
 
 
-def stft_magnitude(wave: torch.Tensor, frame_length: int, hop: int, fft_length: int) -> torch.Tensor:
-    """|rfft| of periodic-Hann windowed frames, no centre padding: [B, L] -> [B, T, fft/2+1]."""
-    window = periodic_hann(frame_length, device=wave.device, dtype=wave.dtype)
-    return complex_abs(torch.fft.rfft(padded_frames(wave, frame_length, hop, fft_length, window)))
+# Frames transformed at a time on the CPU: a block's float64 frames and spectrum (about 1 MB
+# each) stay in cache, where a whole batch (65 MB for 16 x 10 s) went to memory and back at
+# every step: the VGGish log-mel of 16 x 10 s took 0.037 s instead of 0.092 s on 2 cores,
+# with identical values. GPUs take the batch whole.
+CPU_FRAMES_PER_BLOCK = 256
+
+
+def map_frame_blocks(frames: torch.Tensor, transform, out_features: int) -> torch.Tensor:
+    """transform([..., fft] frames) -> [..., out_features], over all of [B, T, fft] `frames`
+    at once on a GPU, in cache-sized blocks of frames on the CPU (rows are independent, so the
+    values are the same)."""
+    if frames.device.type != "cpu":
+        return transform(frames)
+    rows, count = frames.shape[0], frames.shape[1]
+    out = torch.empty(rows, count, out_features, dtype=frames.dtype)
+    for row in range(rows):
+        for start in range(0, count, CPU_FRAMES_PER_BLOCK):
+            block = slice(start, start + CPU_FRAMES_PER_BLOCK)
+            out[row, block] = transform(frames[row, block])
+    return out
 
 
 def hz_to_htk_mel(hz):
@@ -93,10 +112,16 @@ def htk_log_mel(wave: torch.Tensor, sample_rate: int, window_length_s: float, ho
     """VGGish/YAMNet log-mel: [B, L] -> [B, T, mel] with T = 1 + (L - window) // hop."""
     window_length, hop = frame_samples(sample_rate, window_length_s, hop_length_s)
     fft_length = 2 ** int(math.ceil(math.log2(window_length)))
-    magnitude = stft_magnitude(wave, window_length, hop, fft_length)
-    mel = magnitude @ mel_matrix(fft_length // 2 + 1, sample_rate, num_mel_bins, fmin, fmax,
-                                 device=wave.device, dtype=wave.dtype)
-    return torch.log(mel + log_offset)
+    window = zero_padded_window(periodic_hann(window_length, device=wave.device, dtype=wave.dtype),
+                                fft_length)
+    weights = mel_matrix(fft_length // 2 + 1, sample_rate, num_mel_bins, fmin, fmax,
+                         device=wave.device, dtype=wave.dtype)
+
+    def log_mel(frames: torch.Tensor) -> torch.Tensor:  # |rfft| of Hann-windowed frames -> mel
+        return torch.log(complex_abs(torch.fft.rfft(frames * window)) @ weights + log_offset)
+
+    frames = zero_padded_frames(wave, window_length, hop, fft_length)
+    return map_frame_blocks(frames, log_mel, num_mel_bins)
 
 
 def htk_log_mel_float64(wave: torch.Tensor, sample_rate: int, frontend: dict) -> torch.Tensor:

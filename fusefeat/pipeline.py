@@ -182,6 +182,7 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
     from fusefeat.store.manifest import check_output, prepare_output
     from fusefeat.store.scan import scan
     from fusefeat.store.writer import BackgroundWriter, Schema, ShardWriter
+    from fusefeat.threads import single_threaded_helper
     from fusefeat.windows import Geometry
 
     options = options or ExtractOptions()
@@ -302,7 +303,9 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
         # The front end of a batch runs in a thread while the network runs on the batch
         # before it: on a CPU the small patch networks leave the cores room for it (measured
         # on 2 cores: VGGish's front end hides almost entirely), on CUDA the launches overlap.
-        ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusefeat-frontend")
+        ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusefeat-frontend",
+                                   initializer=(single_threaded_helper() if device.type == "cpu"
+                                                else None))
         pending: list = []  # [(segments, future of runner.featurized)]: at most one
 
         def forward_pending() -> None:

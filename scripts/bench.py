@@ -12,7 +12,7 @@ For each backbone, on N 10-second clips stored as 44.1 kHz WAV files, in one run
 Prints clips/s, the ratios 2/1 and 2/3 and peak RSS; writes JSON. Random weights in the official
 formats (speed does not depend on the values). Runs unchanged on CUDA (--device cuda).
 
-    python scripts/bench.py --models vggish,cnn14 --clips 200 --threads 2
+    python scripts/bench.py --models vggish,cnn14 --clips 200 --threads 2 --repeats 3
     python scripts/bench.py --models vggish --clips 200 --memory-clips 2000   # RSS flatness
 """
 
@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -108,8 +109,9 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_limit(model, weights, files, batch_size, device, precision):
-    """The bare forward pass with taps on ready features on the device."""
+def prepare_limit(model, weights, files, batch_size, device, precision):
+    """The bare forward pass with taps on ready features on the device: returns a function
+    that times one pass over all batches (clips/s), so that repeats reuse the features."""
     import torch
 
     from fusefeat import frontends
@@ -135,12 +137,16 @@ def bench_limit(model, weights, files, batch_size, device, precision):
             return backbone.forward_taps(features, taps, False, batch)
 
     forward(*batches[0])  # warm-up (not timed)
-    sync(device)
-    start = time.perf_counter()
-    for features, batch in batches:
-        forward(features, batch)
-    sync(device)
-    return len(files) / (time.perf_counter() - start)
+
+    def timed_pass() -> float:
+        sync(device)
+        start = time.perf_counter()
+        for features, batch in batches:
+            forward(features, batch)
+        sync(device)
+        return len(files) / (time.perf_counter() - start)
+
+    return timed_pass
 
 
 def bench_fusefeat(model, weights, folder, out, batch_size, device, precision, threads, workers):
@@ -248,6 +254,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/fusefeat-bench")
     parser.add_argument("--json", default=None, help="where to write the results")
     parser.add_argument("--skip-per-clip", action="store_true")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time the limit and fusefeat this many times, alternately, and "
+                             "report medians (a shared machine's load drifts between runs)")
     parser.add_argument("--memory-clips", type=int, default=0,
                         help="also run fusefeat on this many clips and compare peak RSS")
     args = parser.parse_args()
@@ -277,15 +286,28 @@ def main() -> None:
           f"batch {args.batch_size}, {device}, {args.precision})")
     for model in args.models.split(","):
         weights = random_weights(model, work / "weights")
-        limit = bench_limit(model, weights, files[: args.clips], args.batch_size, device,
-                            args.precision)
-        e2e = bench_fusefeat(model, weights, small, work / f"out-{model}", args.batch_size,
-                             device, args.precision, args.threads, args.workers)
+        time_limit = prepare_limit(model, weights, files[: args.clips], args.batch_size, device,
+                                   args.precision)
+        limits, runs = [], []
+        for _ in range(max(1, args.repeats)):  # alternated, so drift hits both alike
+            limits.append(time_limit())
+            runs.append(bench_fusefeat(model, weights, small, work / f"out-{model}",
+                                       args.batch_size, device, args.precision, args.threads,
+                                       args.workers))
+        del time_limit  # frees the model and the features before the per-clip path
+        limit = statistics.median(limits)
+        e2e = dict(min(runs, key=lambda run: abs(run["clips_per_s"] - statistics.median(
+            r["clips_per_s"] for r in runs))))  # the median run (lower median if even)
+        e2e["peak_rss_mb"] = max(run["peak_rss_mb"] for run in runs)
         per_clip = None if args.skip_per_clip else bench_per_clip(model, weights,
                                                                   files[: args.clips], device)
         row = {"limit_clips_per_s": round(limit, 3), "fusefeat": e2e,
                "per_clip_clips_per_s": None if per_clip is None else round(per_clip, 3),
                "ratio_fusefeat_to_limit": round(e2e["clips_per_s"] / limit, 3),
+               "repeats": {"limit_clips_per_s": [round(v, 3) for v in limits],
+                           "fusefeat_clips_per_s": [run["clips_per_s"] for run in runs],
+                           "paired_ratios": [round(run["clips_per_s"] / lim, 3)
+                                             for lim, run in zip(limits, runs)]},
                "ratio_fusefeat_to_per_clip": (round(e2e["clips_per_s"] / per_clip, 3)
                                               if per_clip else None)}
         if args.memory_clips:

@@ -84,3 +84,23 @@ def test_workers_decode_while_the_consumer_is_busy():
     assert pool._handed.qsize() >= 6, pool._handed.qsize()  # decoded ahead, waiting for us
     rest = [m.file_index for m in messages if isinstance(m, Segment)]
     assert rest == list(range(1, 8))
+
+
+def test_pcm16_reads_as_libsndfile_floats_bit_for_bit(tmp_path):
+    """16-bit mono WAV is read as int16 and scaled here (faster than libsndfile's float
+    conversion): the samples must be libsndfile's own, extremes and offsets included."""
+    import numpy as np
+    import soundfile as sf
+
+    from fusefeat import audio
+
+    rng = np.random.default_rng(0)
+    samples = rng.integers(-32768, 32768, size=48000, dtype=np.int16)
+    samples[:4] = [-32768, 32767, 0, -1]
+    path = tmp_path / "pcm16.wav"
+    sf.write(path, samples, 16000, subtype="PCM_16")
+    expected = sf.read(path, dtype="float32")[0]
+    for start, stop in ((0, 48000), (1234, 40000), (47000, 60000)):  # the last runs past the end
+        ours = audio.read_mono(str(path), start, stop)
+        assert ours.dtype == np.float32
+        assert np.array_equal(ours, expected[start:stop])

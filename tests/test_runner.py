@@ -87,3 +87,54 @@ def test_cpu_row_chunks_give_the_rows_of_one_forward():
             torch.testing.assert_close(results[3][key].frames, whole.frames, rtol=1e-5, atol=1e-6)
             assert results[3][key].stride == whole.stride
             assert torch.equal(results[3][key].owner, whole.owner)
+
+
+def test_cpu_front_end_blocks_give_the_values_of_one_pass(monkeypatch):
+    """On the CPU the log-mel is computed a block of frames at a time (cache-sized); block
+    edges, partial blocks and rows must not show in the values."""
+    from fusefeat import frontends
+
+    torch.manual_seed(0)
+    wave = torch.randn(3, 16000 * 2 + 777) * 0.1
+    wave[1, 5000:] = 0.0  # a row that ends early (zero padding)
+    preset = load_preset("vggish")
+    monkeypatch.setattr(frontends, "CPU_FRAMES_PER_BLOCK", 10**9)
+    whole = frontends.htk_log_mel_float64(wave, 16000, preset.frontend)
+    monkeypatch.setattr(frontends, "CPU_FRAMES_PER_BLOCK", 37)
+    blocked = frontends.htk_log_mel_float64(wave, 16000, preset.frontend)
+    assert blocked.shape == whole.shape == (3, 1 + (wave.shape[1] - 400) // 160, 64)
+    assert torch.equal(blocked, whole)
+    spectrum = torch.fft.rfft(torch.randn(4, 512, dtype=torch.float64))
+    torch.testing.assert_close(frontends.complex_abs(spectrum), spectrum.abs(), rtol=1e-15, atol=0)
+
+
+def test_front_end_thread_runs_torch_on_one_thread_and_leaves_the_callers():
+    """The CPU front end's helper thread gets one torch thread (more only spin against the
+    network); the caller's count, and the default for threads started later, stay as they were."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fusefeat.threads import single_threaded_helper
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        initializer = single_threaded_helper()
+        assert initializer is not None  # OpenMP builds: the count is per thread
+        with ThreadPoolExecutor(1, initializer=initializer) as helper:
+            assert helper.submit(torch.get_num_threads).result() == 1
+            assert torch.get_num_threads() == 2
+            seen = []
+            later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+            later.start()
+            later.join()
+            assert seen == [2]
+            # and the helper's ops really run: a front end computed there equals the caller's
+            wave = torch.randn(2, 16000) * 0.1
+            from fusefeat import frontends
+
+            frontend = load_preset("vggish").frontend
+            there = helper.submit(frontends.htk_log_mel_float64, wave, 16000, frontend).result()
+            assert torch.equal(there, frontends.htk_log_mel_float64(wave, 16000, frontend))
+    finally:
+        torch.set_num_threads(before)
