@@ -168,14 +168,60 @@ def kaldi_fbank(wave: torch.Tensor, sample_rate: int, num_mel_bins: int, frame_l
     return torch.maximum(energies, eps).log()
 
 
+# torchaudio's defaults (its `resample`): Hann-windowed sinc, 6 zero crossings, 0.99 roll-off
+SINC_ZERO_CROSSINGS, SINC_ROLLOFF = 6, 0.99
+RESAMPLE_PHASE_GROUPS = 8  # output phases per matrix product: fewer taps vs more products
+
+
+@lru_cache(maxsize=32)
+def _sinc_bands(orig: int, new: int, dtype: torch.dtype) -> tuple:
+    """torchaudio's sinc resampling kernel for reduced rates orig -> new, cut into bands.
+
+    The kernel has one row of 2 * width + orig taps per output phase, but a row is non-zero
+    only within 6 zero crossings of its phase: 7 % of the taps for 44.1 -> 16 kHz (the rest
+    are ~1e-22, what the clamped window leaves in float32). Phases are grouped, and each group
+    keeps the span of taps where its rows are non-zero. Built as torchaudio builds it (same
+    float32 arithmetic), so the taps kept are its taps. Returns (width, [(phases, lo, hi,
+    taps [hi - lo, phases])])."""
+    base = min(orig, new) * SINC_ROLLOFF
+    width = math.ceil(SINC_ZERO_CROSSINGS * orig / base)
+    idx = torch.arange(-width, width + orig, dtype=torch.float64)[None] / orig
+    t = (torch.arange(0, -new, -1, dtype=dtype)[:, None] / new + idx.to(dtype)) * base
+    inside = t.abs() < SINC_ZERO_CROSSINGS
+    t = t.clamp(-SINC_ZERO_CROSSINGS, SINC_ZERO_CROSSINGS)
+    window = torch.cos(t * math.pi / SINC_ZERO_CROSSINGS / 2) ** 2
+    t = t * math.pi
+    kernel = torch.where(t == 0, torch.tensor(1.0, dtype=dtype), t.sin() / t)
+    kernel = kernel * (window * (base / orig))  # [new, 2 * width + orig]
+    bands = []
+    for phases in torch.arange(new).tensor_split(min(RESAMPLE_PHASE_GROUPS, new)):
+        used = inside[phases].any(dim=0).nonzero().flatten()
+        lo, hi = int(used[0]), int(used[-1]) + 1
+        bands.append((slice(int(phases[0]), int(phases[-1]) + 1), lo, hi,
+                      kernel[phases, lo:hi].T.contiguous()))
+    return width, bands
+
+
 def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
-    """torchaudio's band-limited sinc resampling (defaults), batched over rows (a row's samples
-    equal resampling it alone up to float32 rounding, about 5e-7)."""
+    """torchaudio's band-limited sinc resampling (its defaults), batched over rows, computed
+    on the kernel's non-zero bands only: [B, L] -> [B, ceil(new * L / orig)].
+
+    Equal to torchaudio.functional.resample up to float32 summation order (0 to 3e-7 on
+    common rates), 1.5x faster on the CPU; torchaudio's own comment leaves the skipping of the
+    zero taps for future work. A row's samples are those of resampling it alone (up to the
+    same rounding): zero padding after a row is what the resampler pads with anyway."""
     if orig_freq == new_freq:
         return wave
-    import torchaudio.functional as AF
-
-    return AF.resample(wave, orig_freq, new_freq)
+    g = math.gcd(orig_freq, new_freq)
+    orig, new = orig_freq // g, new_freq // g
+    width, bands = _sinc_bands(orig, new, wave.dtype)
+    rows, length = wave.shape
+    padded = torch.nn.functional.pad(wave, (width, width + orig))
+    windows = padded.unfold(-1, 2 * width + orig, orig)  # [B, L // orig + 1, taps], a view
+    out = torch.empty(rows, windows.shape[1], new, dtype=wave.dtype, device=wave.device)
+    for phases, lo, hi, taps in bands:
+        out[..., phases] = windows[..., lo:hi] @ taps.to(wave.device)
+    return out.reshape(rows, -1)[:, : -(-new * length // orig)]
 
 
 def resampled_length(num_samples: int, orig_freq: int, new_freq: int) -> int:

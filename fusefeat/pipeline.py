@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Optional, Sequence
@@ -175,14 +175,13 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
     from fusefeat.audio import AUDIO_EXTENSIONS
     from fusefeat.assemble import Assembler
     from fusefeat.batching import Batcher
-    from fusefeat.loader import DecodePool, DecodeTask, Failed, Tick
+    from fusefeat.loader import DecodePool, DecodeTask, Failed, Tick, WarmWorkers
     from fusefeat.runner import Runner
     from fusefeat.store import layout
     from fusefeat.store.lock import SlotLock
     from fusefeat.store.manifest import check_output, prepare_output
     from fusefeat.store.scan import scan
     from fusefeat.store.writer import BackgroundWriter, Schema, ShardWriter
-    from fusefeat.threads import single_threaded_helper
     from fusefeat.windows import Geometry
 
     options = options or ExtractOptions()
@@ -223,191 +222,203 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
                f"{', '.join(sorted(AUDIO_EXTENSIONS))})" if skipped_names else "")
             + "; nothing to do")
 
-    backbone = cls.build(preset, weights=options.weights).to(device).eval()
-    window_seconds = options.window_seconds or preset.window_seconds
-    window = max(backbone.window_align,
-                 int(window_seconds * backbone.sample_rate) // backbone.window_align
-                 * backbone.window_align)
-    geometry = Geometry(sample_rate=backbone.sample_rate, window=window,
-                        align=backbone.window_align, context=backbone.context_samples,
-                        lookahead=backbone.lookahead_samples, min_samples=backbone.min_samples)
-    clip_samples = (int(round(options.clip_seconds * backbone.sample_rate))
-                    if options.clip_seconds else None)
-
-    schema = Schema(dim=sum(backbone.layer(n).frame_dim for n in taps),
-                    layer_dims={n: backbone.layer(n).frame_dim for n in taps} if options.save_layers else {},
-                    baseline_dim=backbone.baseline_dim if options.baseline else None,
-                    frames_dim=sum(backbone.layer(n).frame_dim for n in taps) if options.save_frames else None)
-    fields = {
-        "model": preset.name, "preset": preset.numbers_that_matter(),
-        "weights": backbone.weights_id, "layers": list(taps),
-        "clip_seconds": options.clip_seconds, "window_samples": window,
-        "baseline": options.baseline, "save_layers": options.save_layers,
-        "save_frames": options.save_frames, "precision": options.precision,
-        "fusefeat_version": __version__,
-    }
-    out = Path(options.out)
-    manifest = prepare_output(out, fields, options.overwrite,
-                              extra={"model": preset.name, "layers": list(taps), "dim": schema.dim})
-    slot = layout.Slot(part, parts, options.device_slot)
-    lock = SlotLock(out, slot.label).acquire()
-    marker_inputs = _marker_inputs(inputs, files_from)
+    # decoding processes start while the weights load (their interpreters take ~0.3 s of
+    # CPU); they get the geometry once the model is known
+    warm = WarmWorkers(options.num_workers if files else 0)
     try:
-        write_part_marker(out, slot, {"status": "running", "files": len(files)}, marker_inputs)
-        if lock.exclusive:  # nobody else writes this slot: its temporary files are leftovers
-            for stale in layout.temp_files(out, slot.label):
-                stale.unlink(missing_ok=True)
-        state = scan(out, quarantine=lock.exclusive, warn=log, part=(part, parts))
-        todo, skipped = _select_todo(files, state, options, log)
-        recorded = set(state.failures)  # paths whose latest record is a failure
-        new_discover_failures = [f for f in discover_failures if f.path not in recorded]
-        attrs = _shard_attrs(preset, backbone, taps, table, schema, manifest, fields, options,
-                             slot)
-        writer = BackgroundWriter(ShardWriter(out, slot, layout.new_run_id(), attrs, schema,
-                                              options.shard_size, options.commit_seconds))
-        for failure in new_discover_failures:
-            writer.put_error(failure)
-        counts = {"extracted": 0, "failed": len(new_discover_failures)}
-        tasks = [DecodeTask(i, f.key, f.source) for i, f in enumerate(todo)]
-        runner = Runner(backbone, taps, options.baseline, options.save_frames, device,
-                        options.precision)
-        assembler = Assembler(backbone, taps, options.baseline, options.save_layers,
-                              options.save_frames, key_of=lambda i: todo[i].key)
-        batcher = Batcher(
-            key=lambda s: backbone.batch_key(s.piece.padded_length, s.piece.drop_left, s.piece.keep),
-            samples=lambda s: s.piece.padded_length, batch_size=options.batch_size,
-            batch_samples=(int(options.batch_seconds * backbone.sample_rate)
-                           if options.batch_seconds else None),
-            max_pending=4 * options.batch_size)
-        failed_files: set[int] = set()
-        progress = _progress(len(todo), options.progress)
+        backbone = cls.build(preset, weights=options.weights).to(device).eval()
+        window_seconds = options.window_seconds or preset.window_seconds
+        window = max(backbone.window_align,
+                     int(window_seconds * backbone.sample_rate) // backbone.window_align
+                     * backbone.window_align)
+        geometry = Geometry(sample_rate=backbone.sample_rate, window=window,
+                            align=backbone.window_align, context=backbone.context_samples,
+                            lookahead=backbone.lookahead_samples, min_samples=backbone.min_samples)
+        clip_samples = (int(round(options.clip_seconds * backbone.sample_rate))
+                        if options.clip_seconds else None)
 
-        def record_failure(file_index: int, failure: FileFailure) -> None:
-            if file_index in failed_files:
-                return
-            failed_files.add(file_index)
-            assembler.drop(file_index)
-            writer.put_error(failure)
-            counts["failed"] += 1
-            progress.update(1)
-
-        inflight: list = []  # results of the last batch, not yet read back from the device
-
-        def finish(results) -> None:
-            for result in results:
-                for row in assembler.add(result):  # reads back from the device (a sync)
-                    writer.put_row(row)
-                    counts["extracted"] += 1
-                    progress.update(1)
-
-        # The front end of a batch runs in a thread while the network runs on the batch
-        # before it: on a CPU the small patch networks leave the cores room for it (measured
-        # on 2 cores: VGGish's front end hides almost entirely), on CUDA the launches overlap.
-        ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusefeat-frontend",
-                                   initializer=(single_threaded_helper() if device.type == "cpu"
-                                                else None))
-        pending: list = []  # [(segments, future of runner.featurized)]: at most one
-
-        def forward_pending() -> None:
-            """Run the network on the batch whose front end was started last, then read back
-            the batch before it: on CUDA the CPU prepares and assembles while the GPU works."""
-            if not pending:
-                return
-            segments, future = pending.pop()
-            ready = future.result()
-            kept = [s for s in segments if s.file_index not in failed_files]
-            if not kept:
-                return
-            if len(kept) != len(segments):  # a file failed meanwhile: compute the rest again
-                segments, ready = kept, None
-            results, failures = runner.run_safely(segments, keys=lambda i: todo[i].key,
-                                                  ready=ready)
-            for file_index, failure in failures:
-                record_failure(file_index, failure)
-            previous = inflight[:]
-            inflight[:] = results
-            finish(previous)
-
-        def run(batch) -> None:
-            batch = [s for s in batch if s.file_index not in failed_files]
-            if not batch:
-                return
-            if runner.max_batch is not None:
-                batcher.batch_size = min(batcher.batch_size, runner.max_batch)
-            future = ahead.submit(runner.featurized, batch)  # starts now, in the thread
-            forward_pending()  # the batch before, on the network meanwhile
-            pending.append((batch, future))
-
-        pool = DecodePool(tasks, geometry, clip_samples, workers=options.num_workers,
-                          prefetch_mb=options.prefetch_mb)
-        loop_started = time.monotonic()
-        # no_grad: the caller's own autograd state is kept
-        with torch.no_grad(), _StopFlag(stop_signals or (signal.SIGINT, signal.SIGTERM)) as stop:
-            interrupted = False
-            try:
-                for message in pool:
-                    if stop.stopped:
-                        interrupted = True
-                        break
-                    if isinstance(message, Tick):
-                        continue
-                    if isinstance(message, Failed):
-                        record_failure(message.file_index, message.failure)
-                        continue
-                    for batch in batcher.add(message):
-                        run(batch)
-                        if stop.stopped:
-                            break
-                if not interrupted and not stop.stopped:
-                    for batch in batcher.flush():
-                        run(batch)
-                        if stop.stopped:
-                            break
-                    if not stop.stopped:
-                        forward_pending()
-                finish(inflight)  # what was computed is kept, also when stopping
-                inflight.clear()
-                interrupted = interrupted or stop.stopped
-                committed = writer.close(commit=True)
-            except WriteError as exc:
-                writer.close(commit=False, raise_errors=False)
-                done = writer.writer.committed_records
-                exc.hint = (f"{exc.hint} ({done} file record(s) committed before the failure)"
-                            if exc.hint else None)
-                raise
-            except BaseException:
-                # a bug, or an immediate second signal: drop the open shard (its files stay
-                # pending), keep every committed one, and let the error show
-                writer.close(commit=False, raise_errors=False)
-                raise
-            finally:
-                ahead.shutdown(wait=True, cancel_futures=True)  # a stop drops the batch ahead
-                pool.close()
-                progress.close()
-        loop_seconds = time.monotonic() - loop_started
-        done_now = counts["extracted"] + counts["failed"] - len(new_discover_failures)
-        final_state_failures = _failed_after(state, files, discover_failures, todo, failed_files)
-        elapsed = time.monotonic() - started
-        summary = Summary(
-            status="interrupted" if interrupted else ("partial" if final_state_failures else "complete"),
-            output=str(out), model=preset.name, layers=list(taps), dim=schema.dim,
-            files=len(files), extracted=counts["extracted"], failed=counts["failed"],
-            skipped=skipped, failed_total=final_state_failures,
-            pending=max(0, len(todo) - done_now), seconds=round(elapsed, 3),
-            loop_seconds=round(loop_seconds, 3),
-            clips_per_second=round(counts["extracted"] / loop_seconds, 3) if loop_seconds else 0.0,
-            shards=[p.name for p in committed])
+        schema = Schema(dim=sum(backbone.layer(n).frame_dim for n in taps),
+                        layer_dims={n: backbone.layer(n).frame_dim for n in taps} if options.save_layers else {},
+                        baseline_dim=backbone.baseline_dim if options.baseline else None,
+                        frames_dim=sum(backbone.layer(n).frame_dim for n in taps) if options.save_frames else None)
+        fields = {
+            "model": preset.name, "preset": preset.numbers_that_matter(),
+            "weights": backbone.weights_id, "layers": list(taps),
+            "clip_seconds": options.clip_seconds, "window_samples": window,
+            "baseline": options.baseline, "save_layers": options.save_layers,
+            "save_frames": options.save_frames, "precision": options.precision,
+            "fusefeat_version": __version__,
+        }
+        out = Path(options.out)
+        manifest = prepare_output(out, fields, options.overwrite,
+                                  extra={"model": preset.name, "layers": list(taps), "dim": schema.dim})
+        slot = layout.Slot(part, parts, options.device_slot)
+        lock = SlotLock(out, slot.label).acquire()
+        marker_inputs = _marker_inputs(inputs, files_from)
         try:
-            write_part_marker(out, slot, asdict(summary), marker_inputs)
-        except OSError as exc:  # the shards are committed; only `info`/`status` counts suffer
-            log(f"warning: cannot write {out / 'parts'} ({exc.strerror or exc}); the features "
-                "are committed, but `fusefeat info` and `status` will not know this run's counts")
-    except Exception as exc:
-        write_error_marker(out, slot, len(files), f"{type(exc).__name__}: {exc}", marker_inputs)
-        raise
+            write_part_marker(out, slot, {"status": "running", "files": len(files)}, marker_inputs)
+            if lock.exclusive:  # nobody else writes this slot: its temporary files are leftovers
+                for stale in layout.temp_files(out, slot.label):
+                    stale.unlink(missing_ok=True)
+            state = scan(out, quarantine=lock.exclusive, warn=log, part=(part, parts))
+            todo, skipped = _select_todo(files, state, options, log)
+            recorded = set(state.failures)  # paths whose latest record is a failure
+            new_discover_failures = [f for f in discover_failures if f.path not in recorded]
+            attrs = _shard_attrs(preset, backbone, taps, table, schema, manifest, fields, options,
+                                 slot)
+            writer = BackgroundWriter(ShardWriter(out, slot, layout.new_run_id(), attrs, schema,
+                                                  options.shard_size, options.commit_seconds))
+            for failure in new_discover_failures:
+                writer.put_error(failure)
+            counts = {"extracted": 0, "failed": len(new_discover_failures)}
+            tasks = [DecodeTask(i, f.key, f.source) for i, f in enumerate(todo)]
+            runner = Runner(backbone, taps, options.baseline, options.save_frames, device,
+                            options.precision)
+            assembler = Assembler(backbone, taps, options.baseline, options.save_layers,
+                                  options.save_frames, key_of=lambda i: todo[i].key)
+            batcher = Batcher(
+                key=lambda s: backbone.batch_key(s.piece.padded_length, s.piece.drop_left, s.piece.keep),
+                samples=lambda s: s.piece.padded_length, batch_size=options.batch_size,
+                batch_samples=(int(options.batch_seconds * backbone.sample_rate)
+                               if options.batch_seconds else None),
+                max_pending=4 * options.batch_size)
+            failed_files: set[int] = set()
+            progress = _progress(len(todo), options.progress)
+
+            def record_failure(file_index: int, failure: FileFailure) -> None:
+                if file_index in failed_files:
+                    return
+                failed_files.add(file_index)
+                assembler.drop(file_index)
+                writer.put_error(failure)
+                counts["failed"] += 1
+                progress.update(1)
+
+            inflight: list = []  # results of the last batch, not yet read back from the device
+
+            def finish(results) -> None:
+                for result in results:
+                    for row in assembler.add(result):  # reads back from the device (a sync)
+                        writer.put_row(row)
+                        counts["extracted"] += 1
+                        progress.update(1)
+
+            # On a GPU the front end of a batch runs in a thread while the network runs on the
+            # batch before it (its host copies and launches overlap the GPU's work). On a CPU the
+            # network already keeps every core busy: work beside it preempts one of the network's
+            # threads while the others wait for it, so it costs more than running it in turn
+            # (measured on 2 cores, VGGish, 200 clips: 9.3-9.5 clips/s beside, 9.5-9.7 in turn).
+            ahead = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusefeat-frontend")
+                     if device.type != "cpu" else None)
+            pending: list = []  # [(segments, future of runner.featurized)]: at most one
+
+            def forward_pending() -> None:
+                """Run the network on the batch whose front end was started last, then read back
+                the batch before it: on CUDA the CPU prepares and assembles while the GPU works."""
+                if not pending:
+                    return
+                segments, future = pending.pop()
+                ready = future.result()
+                kept = [s for s in segments if s.file_index not in failed_files]
+                if not kept:
+                    return
+                if len(kept) != len(segments):  # a file failed meanwhile: compute the rest again
+                    segments, ready = kept, None
+                results, failures = runner.run_safely(segments, keys=lambda i: todo[i].key,
+                                                      ready=ready)
+                for file_index, failure in failures:
+                    record_failure(file_index, failure)
+                previous = inflight[:]
+                inflight[:] = results
+                finish(previous)
+
+            def run(batch) -> None:
+                batch = [s for s in batch if s.file_index not in failed_files]
+                if not batch:
+                    return
+                if runner.max_batch is not None:
+                    batcher.batch_size = min(batcher.batch_size, runner.max_batch)
+                if ahead is None:
+                    future = Future()
+                    future.set_result(runner.featurized(batch))
+                else:
+                    future = ahead.submit(runner.featurized, batch)  # starts now, in the thread
+                forward_pending()  # the batch before, on the network meanwhile
+                pending.append((batch, future))
+
+            pool = DecodePool(tasks, geometry, clip_samples, workers=options.num_workers,
+                              prefetch_mb=options.prefetch_mb, warm=warm)
+            loop_started = time.monotonic()
+            # no_grad: the caller's own autograd state is kept
+            with torch.no_grad(), _StopFlag(stop_signals or (signal.SIGINT, signal.SIGTERM)) as stop:
+                interrupted = False
+                try:
+                    for message in pool:
+                        if stop.stopped:
+                            interrupted = True
+                            break
+                        if isinstance(message, Tick):
+                            continue
+                        if isinstance(message, Failed):
+                            record_failure(message.file_index, message.failure)
+                            continue
+                        for batch in batcher.add(message):
+                            run(batch)
+                            if stop.stopped:
+                                break
+                    if not interrupted and not stop.stopped:
+                        for batch in batcher.flush():
+                            run(batch)
+                            if stop.stopped:
+                                break
+                        if not stop.stopped:
+                            forward_pending()
+                    finish(inflight)  # what was computed is kept, also when stopping
+                    inflight.clear()
+                    interrupted = interrupted or stop.stopped
+                    committed = writer.close(commit=True)
+                except WriteError as exc:
+                    writer.close(commit=False, raise_errors=False)
+                    done = writer.writer.committed_records
+                    exc.hint = (f"{exc.hint} ({done} file record(s) committed before the failure)"
+                                if exc.hint else None)
+                    raise
+                except BaseException:
+                    # a bug, or an immediate second signal: drop the open shard (its files stay
+                    # pending), keep every committed one, and let the error show
+                    writer.close(commit=False, raise_errors=False)
+                    raise
+                finally:
+                    if ahead is not None:  # a stop drops the batch ahead
+                        ahead.shutdown(wait=True, cancel_futures=True)
+                    pool.close()
+                    progress.close()
+            loop_seconds = time.monotonic() - loop_started
+            done_now = counts["extracted"] + counts["failed"] - len(new_discover_failures)
+            final_state_failures = _failed_after(state, files, discover_failures, todo, failed_files)
+            elapsed = time.monotonic() - started
+            summary = Summary(
+                status="interrupted" if interrupted else ("partial" if final_state_failures else "complete"),
+                output=str(out), model=preset.name, layers=list(taps), dim=schema.dim,
+                files=len(files), extracted=counts["extracted"], failed=counts["failed"],
+                skipped=skipped, failed_total=final_state_failures,
+                pending=max(0, len(todo) - done_now), seconds=round(elapsed, 3),
+                loop_seconds=round(loop_seconds, 3),
+                clips_per_second=round(counts["extracted"] / loop_seconds, 3) if loop_seconds else 0.0,
+                shards=[p.name for p in committed])
+            try:
+                write_part_marker(out, slot, asdict(summary), marker_inputs)
+            except OSError as exc:  # the shards are committed; only `info`/`status` counts suffer
+                log(f"warning: cannot write {out / 'parts'} ({exc.strerror or exc}); the features "
+                    "are committed, but `fusefeat info` and `status` will not know this run's counts")
+        except Exception as exc:
+            write_error_marker(out, slot, len(files), f"{type(exc).__name__}: {exc}", marker_inputs)
+            raise
+        finally:
+            lock.release()
+        return summary
     finally:
-        lock.release()
-    return summary
+        warm.close()  # those no pool adopted (a failure before decoding)
 
 
 def _check_options(options: ExtractOptions) -> None:

@@ -55,11 +55,11 @@ class Runner:
             by_rate.setdefault(seg.sample_rate, []).append(i)
         for rate, members in by_rate.items():
             width = max(1, max(segments[i].wave.shape[0] for i in members))
-            host = torch.zeros(len(members), width, dtype=torch.float32,
-                               pin_memory=self.pin)
-            for j, i in enumerate(members):
+            host = torch.empty(len(members), width, dtype=torch.float32, pin_memory=self.pin)
+            for j, i in enumerate(members):  # (empty, not zeros: rows are written once)
                 wave = segments[i].wave
                 host[j, : wave.shape[0]] = torch.from_numpy(wave)
+                host[j, wave.shape[0]:] = 0.0
             # zero padding after a row is what torchaudio pads with anyway: the row's samples
             # are those of resampling the clip alone (up to float rounding)
             resampled = frontends.resample(host.to(self.device, non_blocking=True), rate, target)
@@ -70,9 +70,10 @@ class Runner:
                 end = frontends.resampled_length(segments[i].wave.shape[0], rate, target)
                 rows[i] = resampled[j, piece.trim_left: min(piece.trim_left + piece.length, end)]
         lengths = [seg.piece.padded_length for seg in segments]
-        wave = torch.zeros(len(segments), max(lengths), dtype=torch.float32, device=self.device)
+        wave = torch.empty(len(segments), max(lengths), dtype=torch.float32, device=self.device)
         for i, row in enumerate(rows):
-            wave[i, : row.shape[0]] = row  # shorter than length: the clip ended (zero-padded)
+            wave[i, : row.shape[0]] = row
+            wave[i, row.shape[0]:] = 0.0  # the clip ended (zero-padded), or a shorter row
         piece = segments[0].piece
         device_lengths = torch.tensor(lengths, dtype=torch.long, pin_memory=self.pin)
         return SegmentBatch(wave=wave, lengths=device_lengths.to(self.device, non_blocking=True),
