@@ -8,6 +8,7 @@ import torch
 from fusefeat import frontends
 from fusefeat.config import load_preset
 
+
 def test_cpu_front_end_blocks_give_the_values_of_one_pass(monkeypatch):
     """On the CPU the log-mel is computed a block of frames at a time (cache-sized); block
     edges, partial blocks and rows must not show in the values."""
@@ -23,7 +24,6 @@ def test_cpu_front_end_blocks_give_the_values_of_one_pass(monkeypatch):
     assert torch.equal(blocked, whole)
     spectrum = torch.fft.rfft(torch.randn(4, 512, dtype=torch.float64))
     torch.testing.assert_close(frontends.complex_abs(spectrum), spectrum.abs(), rtol=1e-15, atol=0)
-
 
 
 @pytest.mark.parametrize("orig,new", [(44100, 16000), (48000, 16000), (22050, 16000),
