@@ -174,7 +174,7 @@ RESAMPLE_PHASE_GROUPS = 8  # output phases per matrix product: fewer taps vs mor
 
 
 @lru_cache(maxsize=32)
-def _sinc_bands(orig: int, new: int, dtype: torch.dtype) -> tuple:
+def _sinc_bands(orig: int, new: int, dtype: torch.dtype, device: torch.device) -> tuple:
     """torchaudio's sinc resampling kernel for reduced rates orig -> new, cut into bands.
 
     The kernel has one row of 2 * width + orig taps per output phase, but a row is non-zero
@@ -198,7 +198,7 @@ def _sinc_bands(orig: int, new: int, dtype: torch.dtype) -> tuple:
         used = inside[phases].any(dim=0).nonzero().flatten()
         lo, hi = int(used[0]), int(used[-1]) + 1
         bands.append((slice(int(phases[0]), int(phases[-1]) + 1), lo, hi,
-                      kernel[phases, lo:hi].T.contiguous()))
+                      kernel[phases, lo:hi].T.contiguous().to(device)))
     return width, bands
 
 
@@ -214,13 +214,13 @@ def resample(wave: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
         return wave
     g = math.gcd(orig_freq, new_freq)
     orig, new = orig_freq // g, new_freq // g
-    width, bands = _sinc_bands(orig, new, wave.dtype)
+    width, bands = _sinc_bands(orig, new, wave.dtype, wave.device)
     rows, length = wave.shape
     padded = torch.nn.functional.pad(wave, (width, width + orig))
     windows = padded.unfold(-1, 2 * width + orig, orig)  # [B, L // orig + 1, taps], a view
     out = torch.empty(rows, windows.shape[1], new, dtype=wave.dtype, device=wave.device)
     for phases, lo, hi, taps in bands:
-        out[..., phases] = windows[..., lo:hi] @ taps.to(wave.device)
+        out[..., phases] = windows[..., lo:hi] @ taps
     return out.reshape(rows, -1)[:, : -(-new * length // orig)]
 
 

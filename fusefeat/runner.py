@@ -92,9 +92,9 @@ class Runner:
 
     def featurized(self, segments: list[Segment]) -> Optional[tuple]:
         """(batch, front-end features) of segments, or None when that fails: run_safely then
-        does it again inline and handles the failure. Meant for a background thread, so the
-        front end of the next batch overlaps the network of this one (inference mode is
-        thread-local, hence set here)."""
+        does it again inline and handles the failure. On a GPU it runs in a background
+        thread, so the front end of the next batch overlaps the network of this one (inference
+        mode is thread-local, hence set here); on a CPU the pipeline calls it inline."""
         try:
             batch = self.prepare(segments)
             with torch.inference_mode():
