@@ -127,9 +127,11 @@ def extract(inputs, files_from, null_separated, quiet, config_file, **options):
       fusefeat extract ./wavs --model ast --layers 6,12 --out feats/
       find /data -name '*.flac' | fusefeat extract --files-from - --model vggish
     """
+    from fusefeat.allocator import reuse_freed_memory
     from fusefeat.errors import UsageError
     from fusefeat.pipeline import ExtractOptions, extract as run
 
+    reuse_freed_memory()  # this process is ours: large tensors are reused, not re-faulted
     if not inputs and files_from is None:
         raise UsageError("no input", hint="name directories or files, or use --files-from FILE (or -)")
     if options["shard"] is None:

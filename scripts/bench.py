@@ -263,8 +263,12 @@ def main() -> None:
 
     import torch
 
+    from fusefeat.allocator import reuse_freed_memory
     from fusefeat.pipeline import resolve_device
 
+    # the allocator `fusefeat extract` uses, here too: the limit and the per-clip path must not
+    # pay page faults that fusefeat does not (CNN14 on 2 cores: 3.4 -> 4.8 clips/s bare)
+    reuse_freed_memory()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     work = Path(args.workdir)
