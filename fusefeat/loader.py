@@ -4,10 +4,11 @@ The main process hands out files; each worker probes a file, plans its segments
 (fusefeat.windows) and sends them back one at a time through its own pipe. Results are handed
 on in input order, so batches (and vectors) never depend on which worker was faster. A thread of
 the main process reads the pipes while the model runs (a pipe holds 64 KiB: without it, workers
-would wait for the model to finish each batch). Memory stays bounded whatever the files'
-lengths: at most `prefetch_mb` of decoded audio waits, half of it handed out by the reading
-thread, half in its reorder buffer, where it stops reading a worker's pipe once its share waits;
-the worker then blocks on its next send.
+would wait for the model to finish each batch); samples cross the pipe as raw bytes after a
+small header, and the processes can be started before the model loads (WarmWorkers). Memory
+stays bounded whatever the files' lengths: at most `prefetch_mb` of decoded audio waits, half
+of it handed out by the reading thread, half in its reorder buffer, where it stops reading a
+worker's pipe once its share waits; the worker then blocks on its next send.
 
 Each worker has its own pipe, so no lock is shared: a worker that dies (a crash inside a codec
 library, the OOM killer) costs only the file it was reading, which is reported as failed, and a
@@ -164,6 +165,21 @@ def _start_process(index: int):
     return proc, mine
 
 
+def _stop_processes(started) -> None:
+    """End decoding processes [(process, connection)]: ask all, then wait, then kill."""
+    for _, conn in started:
+        try:
+            conn.send(None)
+        except (OSError, ValueError):
+            pass
+    for proc, conn in started:
+        proc.join(timeout=1.0)
+        if proc.is_alive():
+            proc.kill()  # workers ignore SIGTERM
+            proc.join(timeout=1.0)
+        conn.close()
+
+
 class WarmWorkers:
     """Decoding processes started ahead of their DecodePool (while the model loads: a new
     interpreter and its imports take ~0.3 s of CPU). A pool adopts them; close() ends the
@@ -176,17 +192,7 @@ class WarmWorkers:
         return self._idle.pop(0) if self._idle else None
 
     def close(self) -> None:
-        for _, conn in self._idle:
-            try:
-                conn.send(None)
-            except (OSError, ValueError):
-                pass
-        for proc, conn in self._idle:
-            proc.join(timeout=1.0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=1.0)
-            conn.close()
+        _stop_processes(self._idle)
         self._idle = []
 
 
@@ -400,15 +406,5 @@ class DecodePool:
 
     def close(self) -> None:
         self._stop_reader()  # the reading thread stops the workers on its way out
-        for worker in self._pool:
-            try:
-                worker.conn.send(None)
-            except (OSError, ValueError):
-                pass
-        for worker in self._pool:
-            worker.proc.join(timeout=1.0)
-            if worker.proc.is_alive():
-                worker.proc.kill()  # workers ignore SIGTERM
-                worker.proc.join(timeout=1.0)
-            worker.conn.close()
+        _stop_processes([(worker.proc, worker.conn) for worker in self._pool])
         self._pool.clear()

@@ -343,7 +343,7 @@ def extract(inputs: Sequence[str] = (), options: Optional[ExtractOptions] = None
                     future.set_result(runner.featurized(batch))
                 else:
                     future = ahead.submit(runner.featurized, batch)  # starts now, in the thread
-                forward_pending()  # the batch before, on the network meanwhile
+                forward_pending()  # the batch before (on a GPU, while the thread works)
                 pending.append((batch, future))
 
             pool = DecodePool(tasks, geometry, clip_samples, workers=options.num_workers,
